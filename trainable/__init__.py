@@ -1,0 +1,1 @@
+"""One parameterized trainable for chest X-ray classification ablations."""

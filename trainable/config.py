@@ -1,0 +1,211 @@
+"""TrialConfig: the one flat contract between search spaces, the trainable, MLflow params and final training.
+
+Defaults are the CheXNet replica. Every categorical factor is checked against the registry that implements it,
+so a typo fails before any trial starts, with the valid choices in the message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    # model
+    backbone: str = "densenet121"
+    pretrained: str = "imagenet"          # none | imagenet | path to a local weights file
+    head: str = "linear"                  # registry: trainable.models.HEADS
+    head_dropout: float = 0.3             # dropout inside the cbam head's dense layers
+    drop_rate: float = 0.0                # timm classifier dropout of the backbone
+    demographics: str = "none"            # registry: trainable.data.demographics.DEMOGRAPHICS
+    # loss
+    loss: str = "bce"                     # registry: trainable.losses.LOSSES
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25             # < 0 disables the alpha balance (torchvision convention)
+    dwbce_smoothing: float = 0.1          # dynamic_weighted_bce: batch ratio pulled toward 0.5 by this factor
+    asl_gamma_neg: float = 4.0
+    asl_gamma_pos: float = 1.0
+    # optimisation
+    optimizer: str = "adam"               # any timm optimizer name (timm.optim.list_optimizers)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scheduler: str = "plateau"            # registry: trainable.optim.SCHEDULERS
+    plateau_factor: float = 0.1
+    plateau_patience: int = 1
+    warmup_epochs: int = 0
+    epochs: int = 10
+    batch_size: int = 16
+    early_stop_patience: int = 0          # epochs without val AUC gain before stopping; 0 disables
+    # augmentation (batched, on the trial's device)
+    aug_hflip: bool = True
+    aug_resized_crop: bool = False
+    aug_crop_scale_min: float = 0.7
+    aug_color_jitter: bool = False
+    aug_brightness: float = 0.2
+    aug_contrast: float = 0.2
+    aug_rotation: bool = False
+    aug_rotation_degrees: float = 10.0
+    # sampling
+    oversample: str = "none"              # registry: trainable.data.loader.OVERSAMPLERS
+    oversample_power: float = 0.5
+    # run
+    image_size: int = 224
+    seed: int = 0
+    precision: str = "fp32"               # fp32 | bf16
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> "TrialConfig":
+        """Build from a mapping of flat keys; values may be strings (from `--set` or YAML) and are coerced."""
+        unknown = sorted(set(values) - set(FIELD_TYPES))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown config key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(FIELD_TYPES)}")
+        return cls(**{k: coerce(k, v, source=source) for k, v in values.items()})
+
+    def replace(self, **overrides: Any) -> "TrialConfig":
+        merged = {**self.to_dict(), **overrides}
+        return TrialConfig.from_dict(merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+FIELD_TYPES: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else eval(f.type)  # noqa: S307
+                                for f in fields(TrialConfig)}
+
+
+def coerce(key: str, value: Any, *, source: str = "config") -> Any:
+    """Turn a `--set`/YAML value into the field's type, or raise naming the key and the expected type."""
+    if key not in FIELD_TYPES:
+        raise ConfigError(f"{source}: unknown config key {key!r}; valid keys: {', '.join(FIELD_TYPES)}")
+    kind = FIELD_TYPES[key]
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {key}={value!r} is not a valid {kind.__name__}") from None
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def _registry_keys(module: str, name: str) -> Callable[[], Iterable[str]]:
+    # Imported lazily: the registries live beside the code they select, which imports torch/timm.
+    def keys() -> Iterable[str]:
+        import importlib
+        return importlib.import_module(module).__dict__[name].keys()
+    return keys
+
+
+def _timm_optimizers() -> Iterable[str]:
+    from timm.optim import list_optimizers
+    return list_optimizers()
+
+
+CHOICES: dict[str, Callable[[], Iterable[str]]] = {
+    "head": _registry_keys("trainable.models", "HEADS"),
+    "demographics": _registry_keys("trainable.data.demographics", "DEMOGRAPHICS"),
+    "loss": _registry_keys("trainable.losses", "LOSSES"),
+    "optimizer": _timm_optimizers,
+    "scheduler": _registry_keys("trainable.optim", "SCHEDULERS"),
+    "oversample": _registry_keys("trainable.data.loader", "OVERSAMPLERS"),
+    "precision": lambda: ("fp32", "bf16"),
+}
+
+# key -> (lowest allowed, whether the lowest itself is allowed)
+BOUNDS: dict[str, tuple[float, bool]] = {
+    "lr": (0.0, False), "epochs": (0, False), "batch_size": (0, False), "image_size": (16, True),
+    "weight_decay": (0.0, True), "momentum": (0.0, True), "plateau_factor": (0.0, False),
+    "plateau_patience": (0, True), "warmup_epochs": (0, True), "early_stop_patience": (0, True),
+    "focal_gamma": (0.0, True), "dwbce_smoothing": (0.0, True), "head_dropout": (0.0, True),
+    "drop_rate": (0.0, True), "aug_crop_scale_min": (0.0, False), "aug_brightness": (0.0, True),
+    "aug_contrast": (0.0, True), "aug_rotation_degrees": (0.0, True), "oversample_power": (0.0, True),
+    "asl_gamma_neg": (0.0, True), "asl_gamma_pos": (0.0, True), "seed": (0, True),
+}
+UPPER: dict[str, float] = {
+    "plateau_factor": 1.0, "dwbce_smoothing": 1.0, "head_dropout": 1.0, "drop_rate": 1.0,
+    "aug_crop_scale_min": 1.0, "aug_brightness": 1.0, "aug_contrast": 1.0, "aug_rotation_degrees": 180.0,
+    "momentum": 1.0, "focal_alpha": 1.0,
+}
+
+
+def _validate(cfg: TrialConfig) -> None:
+    for key, kind in FIELD_TYPES.items():
+        value = getattr(cfg, key)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, key, float(value))
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"config: {key}={value!r} is not a valid {kind.__name__}")
+    for key, choices in CHOICES.items():
+        valid = list(choices())
+        if getattr(cfg, key) not in valid:
+            raise ConfigError(f"config: {key}={getattr(cfg, key)!r} is not one of: {', '.join(valid)}")
+    for key, (low, inclusive) in BOUNDS.items():
+        value = getattr(cfg, key)
+        if value < low or (value == low and not inclusive):
+            raise ConfigError(f"config: {key}={value!r} must be {'>=' if inclusive else '>'} {low:g}")
+    for key, high in UPPER.items():
+        if getattr(cfg, key) > high:
+            raise ConfigError(f"config: {key}={getattr(cfg, key)!r} must be <= {high:g}")
+    _validate_backbone(cfg)
+
+
+def _validate_backbone(cfg: TrialConfig) -> None:
+    import timm
+    if not timm.is_model(cfg.backbone):
+        close = timm.list_models(f"*{cfg.backbone.split('_')[0]}*")[:10]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ConfigError(f"config: backbone={cfg.backbone!r} is not a timm model name{hint}")
+    if cfg.pretrained not in ("none", "imagenet") and not Path(cfg.pretrained).is_file():
+        raise ConfigError(
+            f"config: pretrained={cfg.pretrained!r} must be 'none', 'imagenet' or an existing weights file")
+
+
+def parse_overrides(pairs: Iterable[str], *, source: str = "--set") -> dict[str, Any]:
+    """Parse `key=value` strings (CLI `--set`) into typed values, naming the offending pair on error."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source} {pair!r}: expected key=value")
+        out[key.strip()] = coerce(key.strip(), value.strip(), source=f"{source} {pair!r}")
+    return out
+
+
+def load_preset(name: str) -> TrialConfig:
+    """A named preset from search_spaces/presets.yaml (plain config overrides of the CheXNet defaults)."""
+    from search_spaces import load_presets
+    presets = load_presets()
+    if name not in presets:
+        raise ConfigError(f"preset {name!r} is not one of: {', '.join(presets)}")
+    return presets[name]
