@@ -11,3 +11,7 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError):
     """A data-set file or folder that is missing, malformed or inconsistent."""
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the trial ends as failed with this reason."""

@@ -1,0 +1,75 @@
+"""Ray for a sweep: join the cluster (or start a local one) and refuse setups that could only hang or lose data."""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from trainable.errors import ConfigError
+
+from .record import is_uri
+
+PROBE_TIMEOUT_S = 60
+
+
+def start_ray(address: str | None) -> None:
+    """Join `address` (or RAY_ADDRESS); with neither, start a local Ray on this machine."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+
+
+def alive_nodes() -> list[dict]:
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def check_resources(cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """A trial asking for more than any single node has would stay PENDING forever: refuse it now."""
+    nodes = alive_nodes()
+    for name, flag, wanted in (("CPU", "--cpus-per-trial", cpus_per_trial), ("GPU", "--gpus-per-trial", gpus_per_trial)):
+        largest = max((node["Resources"].get(name, 0.0) for node in nodes), default=0.0)
+        if wanted > largest:
+            raise ConfigError(f"{flag} {wanted:g}: no node of this Ray cluster has that many {name}s "
+                              f"(largest node: {largest:g} across {len(nodes)} node(s))")
+
+
+def check_shared_storage(storage: str, storage_given: bool) -> None:
+    """With trials on several nodes, checkpoints must land where the driver (and resumed trials) can read them."""
+    nodes = alive_nodes()
+    if len(nodes) <= 1 or is_uri(storage):
+        return
+    if not storage_given:
+        raise ConfigError(
+            f"this Ray cluster has {len(nodes)} nodes but no --storage was given: trial checkpoints would stay on "
+            f"the node that wrote them, where the driver cannot log them to MLflow and retries cannot resume "
+            f"them. Pass --storage /shared/path (a folder mounted at the same path on every node, e.g. NFS) "
+            f"or --storage s3://bucket/prefix")
+    unseen = _nodes_not_seeing(Path(storage), nodes)
+    if unseen:
+        raise ConfigError(f"--storage {storage}: not shared; node(s) {', '.join(unseen)} do not see it. Use a "
+                          f"folder mounted at the same path on every node (e.g. NFS) or an s3:// URI")
+
+
+def _nodes_not_seeing(folder: Path, nodes: list[dict]) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".shared-probe-{uuid.uuid4().hex}"
+    marker.write_text("probe\n")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return os.path.exists(path)
+
+    try:
+        checks = {node["NodeManagerAddress"]: sees.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(str(marker))
+                  for node in nodes}
+        return [address for address, seen in zip(checks, ray.get(list(checks.values()), timeout=PROBE_TIMEOUT_S))
+                if not seen]
+    finally:
+        marker.unlink(missing_ok=True)

@@ -1,0 +1,175 @@
+"""The Tune callback that is a sweep's only MLflow writer: one child run per trial under the sweep's parent run.
+
+Trials never talk to MLflow; the driver logs what they report. So the embedded SQLite store has one writer no
+matter how many trials run, trials on other nodes need no route to the store, and a tracking server works
+unchanged. Ray's own MLflowLoggerCallback is not used: it has no parent run, keys runs by in-memory Trial
+objects (so a resumed sweep would duplicate them) and logs no predictions.
+
+Child runs are found by their `trial_id` tag before one is created, so a trial retried after a worker died, or
+continued by `--resume`, keeps its run; epochs already logged for a run are skipped. Outcomes:
+  FINISHED  the trial ran its full budget (or stopped itself: early_stop_patience)
+  KILLED    with tag pruned=true: the scheduler (ASHA) stopped it early; its metrics are partial-budget
+  KILLED    with tag interrupted=true: the sweep was interrupted; `--resume` sets it RUNNING again
+  FAILED    with tag error=<last line of the error>, and error.txt as an artifact
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+from ray.tune.result import AUTO_RESULT_KEYS, DONE, TRAINING_ITERATION
+
+from trainable.train import PREDICTIONS_FILE, THRESHOLDS_FILE
+
+from .naming import TrialDescriber, trial_run_name
+from .tracking import PARENT_RUN_TAG
+
+STEP_KEY = "epoch"
+PROBE_METRIC = "val_auc_mean"           # its history tells which epochs a run already has
+NOT_METRICS = {*AUTO_RESULT_KEYS, DONE, STEP_KEY, "trial_id", "experiment_tag", "should_checkpoint"}
+MAX_ERROR_TAG_CHARS = 500
+
+RUNNING, FINISHED, FAILED, KILLED = (RunStatus.to_string(s) for s in
+                                     (RunStatus.RUNNING, RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED))
+
+
+def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The trainable's own numeric metrics in a Tune result (Tune's bookkeeping keys left out)."""
+    return {key: float(value) for key, value in result.items()
+            if key not in NOT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+@dataclass
+class _ChildRun:
+    run_id: str
+    budget: int                                   # epochs the trial was configured for
+    logged_steps: set[int] = field(default_factory=set)
+    pruned_at: int | None = None                  # epoch at which the scheduler stopped it, if early
+
+
+class MLflowTrialLogger(Callback):
+    """Logs each trial to a child run of `parent_run_id`; the tracking URI is the driver's (mlflow.set_tracking_uri),
+    so no credentials end up in Tune's pickled experiment state."""
+
+    def __init__(self, *, experiment_id: str, parent_run_id: str, describer: TrialDescriber):
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.describer = describer
+        self._client: MlflowClient | None = None
+        self._runs: dict[str, _ChildRun] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None, "_runs": {}}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient()
+        return self._client
+
+    # --- Tune hooks -----------------------------------------------------------------------------------------
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._child(trial)
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        child = self._child(trial)
+        step = int(result.get(STEP_KEY, result.get(TRAINING_ITERATION, 0)))
+        if result.get(DONE) and step < child.budget:
+            # Tune marks the result it decided to stop on as done; a trial ending by itself never is.
+            child.pruned_at = step
+        if step in child.logged_steps:
+            return
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, step) for key, value in trial_metrics(result).items()]
+        self.client.log_batch(child.run_id, metrics=metrics)
+        child.logged_steps.add(step)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        child = self._runs.pop(trial.trial_id, None) or self._child(trial, keep=False)
+        self._log_checkpoint_files(child.run_id, trial)
+        if child.pruned_at is not None:
+            self.client.set_tag(child.run_id, "pruned", "true")
+            self.client.set_tag(child.run_id, "pruned_at_epoch", str(child.pruned_at))
+            self.client.set_terminated(child.run_id, status=KILLED)
+        else:
+            self.client.set_terminated(child.run_id, status=FINISHED)
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        child = self._child(trial)
+        self.client.set_tag(child.run_id, "retries", str(trial.num_failures))
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        child = self._runs.pop(trial.trial_id, None) or self._child(trial, keep=False)
+        self._fail(child.run_id, trial)
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        """Leave no child run RUNNING: match each one still open to its trial's final Tune status."""
+        by_id = {trial.trial_id: trial for trial in trials}
+        self._runs.clear()
+        still_running = self.client.search_runs(
+            [self.experiment_id], filter_string=f"attributes.status = '{RUNNING}'", max_results=50000)
+        for run in still_running:
+            if run.data.tags.get(PARENT_RUN_TAG) != self.parent_run_id:
+                continue
+            trial = by_id.get(run.data.tags.get("trial_id", ""))
+            status = trial.status if trial is not None else None
+            if status == Trial.TERMINATED:
+                self._log_checkpoint_files(run.info.run_id, trial)
+                self.client.set_terminated(run.info.run_id, status=FINISHED)
+            elif status == Trial.ERROR:
+                self._fail(run.info.run_id, trial)
+            else:
+                self.client.set_tag(run.info.run_id, "interrupted", "true")
+                self.client.set_terminated(run.info.run_id, status=KILLED)
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+    def _child(self, trial: Trial, *, keep: bool = True) -> _ChildRun:
+        """The trial's open child run: found by its trial_id tag (retry, resume) or created."""
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        config = self.describer.config(trial.config)
+        found = [run for run in self.client.search_runs([self.experiment_id],
+                                                        filter_string=f"tags.trial_id = '{trial.trial_id}'")
+                 if run.data.tags.get(PARENT_RUN_TAG) == self.parent_run_id]
+        if found:
+            run_id = found[0].info.run_id
+            if found[0].info.status != RUNNING:
+                self.client.update_run(run_id, status=RUNNING)
+            if "interrupted" in found[0].data.tags:
+                self.client.delete_tag(run_id, "interrupted")
+            steps = {metric.step for metric in self.client.get_metric_history(run_id, PROBE_METRIC)}
+        else:
+            tags = {**self.describer.tags(trial.config, trial.trial_id), PARENT_RUN_TAG: self.parent_run_id}
+            run_id = self.client.create_run(self.experiment_id, run_name=trial_run_name(trial.config, trial.trial_id),
+                                            tags=tags).info.run_id
+            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in config.to_dict().items()])
+            steps = set()
+        child = _ChildRun(run_id=run_id, budget=config.epochs, logged_steps=steps)
+        if keep:
+            self._runs[trial.trial_id] = child
+        return child
+
+    def _log_checkpoint_files(self, run_id: str, trial: Trial) -> None:
+        """The last checkpoint's validation probabilities and thresholds, read from the Tune storage (so this
+        works whichever node ran the trial)."""
+        checkpoint = trial.checkpoint
+        if checkpoint is None:
+            return
+        self.client.set_tag(run_id, "checkpoint", checkpoint.path)
+        with checkpoint.as_directory() as folder:
+            for name in (PREDICTIONS_FILE, THRESHOLDS_FILE):
+                if (Path(folder) / name).is_file():
+                    self.client.log_artifact(run_id, str(Path(folder) / name))
+
+    def _fail(self, run_id: str, trial: Trial) -> None:
+        error = trial.get_error() or "unknown error (no error file)"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        self.client.set_tag(run_id, "error", (lines[-1] if lines else str(error))[:MAX_ERROR_TAG_CHARS])
+        self.client.log_text(run_id, str(error), "error.txt")
+        self.client.set_terminated(run_id, status=FAILED)

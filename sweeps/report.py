@@ -1,0 +1,73 @@
+"""Reading a finished sweep's trials out of Tune's ResultGrid, and printing plain-text tables."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from ray.tune import ResultGrid
+
+METRIC, MODE = "val_auc_mean", "max"     # what searches optimise and tables rank by
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What a finished sweep shows: printed text, parent-run tags, files saved beside sweep.json and logged."""
+    text: str
+    tags: dict[str, str]
+    files: dict[str, str]          # file name -> content
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    config: dict[str, Any]
+    metrics: dict[str, Any]        # the trial's last reported result
+    failed: bool
+
+    @property
+    def epoch(self) -> int:
+        return int(self.metrics.get("epoch", 0))
+
+    def value(self, key: str) -> float:
+        value = self.metrics.get(key)
+        return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def outcomes(results: ResultGrid) -> list[TrialOutcome]:
+    return [TrialOutcome(config=dict(result.config or {}), metrics=dict(result.metrics or {}),
+                         failed=result.error is not None) for result in results]
+
+
+def unfinished_count(results: ResultGrid) -> int:
+    """Trials neither finished nor errored: the sweep was interrupted before they ended."""
+    return len(results) - results.num_terminated - results.num_errors
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    mean = sum(finite) / len(finite)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else math.nan
+    return mean, sd
+
+
+def fmt(value: float, digits: int = 3, signed: bool = False) -> str:
+    if not math.isfinite(value):
+        return "—"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def fmt_mean_sd(mean: float, sd: float) -> str:
+    return fmt(mean) if not math.isfinite(sd) else f"{fmt(mean)} ± {fmt(sd)}"
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[str]], *, left: int = 2) -> str:
+    """Columns padded to width; the first `left` columns left-aligned, the rest right-aligned (numbers)."""
+    rows = [list(map(str, row)) for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])

@@ -1,0 +1,14 @@
+"""Optuna (TPE) + ASHA search on Ray Tune, logged to MLflow. `python sweeps/run_search.py --help`."""
+import sys
+from pathlib import Path
+
+# Run as `python sweeps/run_search.py`, installed or not: import the project from the repo root, and keep this
+# folder off the path (Ray would otherwise put it on every worker's path too).
+HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
+sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != HERE)]
+
+from sweeps.runner import main  # noqa: E402
+from sweeps.search import Search  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(Search))

@@ -1,0 +1,103 @@
+"""End to end: one trial from the shell on a generated NIH-format data set, on the CPU, and its exact resume."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import f1_score, roc_auc_score
+
+from trainable.__main__ import main
+from trainable.data.synthetic import generate
+from trainable.findings import FINDINGS
+
+TINY = ["--preset", "chexnet_replica", "--set", "backbone=test_resnet", "--set", "pretrained=none",
+        "--set", "image_size=64", "--set", "epochs=2", "--set", "batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def learnable_dir(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("nih") / "data", patients=300, image_size=64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trial(learnable_dir, tmp_path_factory):
+    """One uninterrupted 2-epoch trial: (output folder, cache folder)."""
+    out, cache = tmp_path_factory.mktemp("trial") / "out", tmp_path_factory.mktemp("cache")
+    assert main(["--data", str(learnable_dir), "--out", str(out), "--cache-dir", str(cache), *TINY]) == 0
+    return out, cache
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_trial_writes_one_metrics_line_per_epoch_with_every_finding(trial):
+    out, _ = trial
+    lines = read_metrics(out)
+    assert [line["epoch"] for line in lines] == [1, 2]
+    for line in lines:
+        for finding in FINDINGS:
+            assert 0.0 <= line[f"val_auc_{finding}"] <= 1.0
+            assert 0.0 <= line[f"val_f1_{finding}"] <= 1.0
+        assert {"val_loss", "val_auc_mean", "val_f1_mean"} <= set(line)
+        assert line["synthetic_data"] is True
+    assert {"split.csv", "config.json", "val_predictions.npz", "thresholds.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_tiny_model_learns_the_synthetic_signatures(trial):
+    assert read_metrics(trial[0])[-1]["val_auc_mean"] > 0.7
+
+
+def test_reported_metrics_equal_sklearn_on_the_saved_probabilities(trial):
+    out, _ = trial
+    last = read_metrics(out)[-1]
+    saved = np.load(out / "val_predictions.npz")
+    labels, probs = saved["labels"], saved["probs"]
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    split = pd.read_csv(out / "split.csv")
+    assert sorted(saved["images"]) == sorted(split.loc[split["split"] == "val", "image"])
+    aucs = [roc_auc_score(labels[:, k], probs[:, k]) for k in range(len(FINDINGS))]
+    f1s = [f1_score(labels[:, k], probs[:, k] >= thresholds[f], zero_division=0) for k, f in enumerate(FINDINGS)]
+    for k, finding in enumerate(FINDINGS):
+        assert last[f"val_auc_{finding}"] == pytest.approx(aucs[k], abs=1e-9)
+        assert last[f"val_f1_{finding}"] == pytest.approx(f1s[k], abs=1e-9)
+    assert last["val_auc_mean"] == pytest.approx(np.mean(aucs), abs=1e-9)
+
+
+def test_resume_from_epoch_one_gives_the_uninterrupted_epoch_two(trial, learnable_dir, tmp_path):
+    out, cache = trial
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoints" / "epoch_001", resumed / "epoch_001")
+    assert main(["--data", str(learnable_dir), "--out", str(resumed), "--cache-dir", str(cache), *TINY,
+                 "--resume", str(resumed / "epoch_001")]) == 0
+    again = read_metrics(resumed)
+    assert [line["epoch"] for line in again] == [2]
+    expected = read_metrics(out)[-1]
+    for key in ["val_loss", "train_loss", "val_auc_mean", "val_f1_mean", *(f"val_auc_{f}" for f in FINDINGS)]:
+        assert again[0][key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+
+
+def test_same_config_and_seed_give_identical_metrics(trial, learnable_dir, tmp_path):
+    out, cache = trial
+    assert main(["--data", str(learnable_dir), "--out", str(tmp_path / "again"), "--cache-dir", str(cache),
+                 *TINY]) == 0
+    first, second = read_metrics(out), read_metrics(tmp_path / "again")
+    for a, b in zip(first, second):
+        assert {k: v for k, v in a.items() if "per_s" not in k} == {k: v for k, v in b.items() if "per_s" not in k}
+
+
+def test_bad_config_fails_before_writing_anything(learnable_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--data", str(learnable_dir), "--out", str(out), *TINY, "--set", "loss=hinge"]) == 2
+    assert "loss='hinge' is not one of" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_non_empty_output_is_not_overwritten(trial, learnable_dir, capsys):
+    out, _ = trial
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["--data", str(learnable_dir), "--out", str(out), *TINY]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before

@@ -1,0 +1,124 @@
+"""Run one trial from the shell, for debugging a configuration without Ray or MLflow.
+
+    python -m trainable --data DIR --preset chexnet_replica --set backbone=test_resnet --set image_size=64 \
+        --set epochs=2 --out OUT
+
+writes OUT/metrics.jsonl (one JSON line per epoch), OUT/split.csv, OUT/config.json, OUT/val_predictions.npz,
+OUT/thresholds.json and OUT/checkpoints/epoch_NNN/ (resume with --resume OUT/checkpoints/epoch_NNN).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .config import TrialConfig, load_preset, parse_overrides
+from .errors import UserError
+from .runtime import CACHE_ENV
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Data options shared by every CLI (the trial runner and the sweeps)."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--split", default="official", choices=["official", "patient"],
+                       help="official: NIH's test_list.txt as test, validation carved patient-wise from "
+                            "train_val_list.txt; patient: patient-wise stratified split (default: %(default)s)")
+    group.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default: %(default)s)")
+    group.add_argument("--test-fraction", type=float, default=0.2,
+                       help="test share for --split patient (default: %(default)s)")
+    group.add_argument("--split-seed", type=int, default=0, help="seed of the patient-wise split (default: 0)")
+    group.add_argument("--view", default="all", choices=["all", "PA", "AP"], help="keep only this view position")
+    group.add_argument("--max-images", type=int, default=0,
+                       help="quick subset: whole patients drawn reproducibly up to this many images (0 = all)")
+    group.add_argument("--skip-missing", action="store_true",
+                       help="skip (and count) images listed in the CSV but absent on disk instead of failing")
+    group.add_argument("--cache-dir", default=None,
+                       help=f"decode-once image cache, shared by trials on a node (default: ${CACHE_ENV} or "
+                            "~/.cache/cxr-ablate)")
+
+
+def data_spec(args: argparse.Namespace):
+    from .data.nih import DataSpec
+    return DataSpec(data_dir=str(args.data), split=args.split, val_fraction=args.val_fraction,
+                    test_fraction=args.test_fraction, split_seed=args.split_seed, view=args.view,
+                    max_images=args.max_images, skip_missing=args.skip_missing)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainable", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="NIH ChestX-ray14 folder (Data_Entry CSV + images)")
+    parser.add_argument("--out", required=True, help="output folder for this trial")
+    parser.add_argument("--preset", default="chexnet_replica",
+                        help="starting configuration from search_spaces/presets.yaml (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, repeatable (e.g. --set backbone=resnet50 --set lr=3e-4)")
+    parser.add_argument("--resume", default=None, metavar="CHECKPOINT_DIR",
+                        help="continue from a checkpoint folder written by an earlier run (OUT/checkpoints/epoch_NNN)")
+    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    add_data_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    from .data.nih import prepare_dataset
+    from .train import copy_checkpoint, train
+
+    cfg: TrialConfig = load_preset(args.preset).replace(**parse_overrides(args.set))
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise UserError(f"--out {out} is not empty; pass --overwrite (or --resume) to write into it")
+    if args.overwrite and not args.resume:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if args.resume and not (Path(args.resume) / "state.pt").is_file():
+        raise UserError(f"--resume {args.resume}: no state.pt there; expected a folder OUT/checkpoints/epoch_NNN")
+    # Data errors surface before anything is written into --out.
+    data = prepare_dataset(data_spec(args), out)
+    (out / "config.json").write_text(cfg.to_json())
+    label = " (SYNTHETIC data)" if data.synthetic else ""
+    print(f"data{label}: fingerprint {data.fingerprint}, split sizes {data.split_sizes()}")
+
+    metrics_path = out / "metrics.jsonl"
+    if args.resume:  # keep the lines of epochs that the resumed run does not repeat
+        resume_epoch = _checkpoint_epoch(Path(args.resume))
+        kept = [line for line in _read_lines(metrics_path) if json.loads(line)["epoch"] <= resume_epoch]
+        metrics_path.write_text("".join(kept))
+
+    def report(metrics: dict, checkpoint: Path) -> None:
+        destination = out / "checkpoints" / f"epoch_{metrics['epoch']:03d}"
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        copy_checkpoint(checkpoint, destination)
+        for name in ("val_predictions.npz", "thresholds.json"):
+            shutil.copyfile(checkpoint / name, out / name)
+        with metrics_path.open("a") as stream:
+            stream.write(json.dumps({"synthetic_data": data.synthetic, **metrics}) + "\n")
+        print(f"epoch {metrics['epoch']}: val_loss {metrics['val_loss']:.4f} "
+              f"val_auc_mean {metrics['val_auc_mean']:.4f} val_f1_mean {metrics['val_f1_mean']:.4f}", flush=True)
+
+    train(cfg, data, report, cache_dir=args.cache_dir, resume_from=args.resume)
+
+
+def _checkpoint_epoch(folder: Path) -> int:
+    import torch
+    return torch.load(folder / "state.pt", map_location="cpu", weights_only=True)["progress"]["next_epoch"] - 1
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True) if path.exists() else []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

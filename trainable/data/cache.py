@@ -1,0 +1,255 @@
+"""Decode-once cache: every PNG of a split decoded to grayscale uint8 at the trial's resolution, stored in one
+memory-mapped array that all later trials on the node reuse.
+
+Files in `cache_dir`, named from the caller's key and the image size (`<stem>` = `<key>-<size>`):
+  <stem>.u8        raw (N, size, size) uint8 rows, row i = paths[i]
+  <stem>.json      manifest: shape, dtype, count, hash of the path list, completion stamp — written last
+  <stem>.lock      serializes builders and readers across processes
+  <stem>.u8.partial-<pid>-<random>, <stem>.json.partial   in-progress files; stale ones (a killed build)
+                   are removed by the next build
+A cache counts as valid only when the manifest exists, matches the requested shape and path list, and the data
+file has the expected size; anything else is rebuilt. Because the data file is renamed into place before the
+manifest is written, an interrupted build never leaves a cache that looks valid.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import time
+import uuid
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from filelock import FileLock
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MANIFEST_FORMAT = 1
+# Same filter as torchvision's Resize default, which every reference CheXNet implementation uses on PIL images.
+RESAMPLE = Image.Resampling.BILINEAR
+# Image.resize first shrinks by an integer factor with Image.reduce (box filter, fast) so that the final
+# antialiased resize spans at most this factor: 1024 -> 512 -> 224 for the default 224 px.
+REDUCING_GAP = 2.0
+IMAGES_PER_TASK = 32          # small tasks balance the workers and keep the progress bar moving
+_KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+# --- decoding ----------------------------------------------------------------------------------------------
+
+def _sixteen_bit_to_uint8(image: Image.Image) -> Image.Image:
+    """16/32-bit grayscale -> 8-bit. 8-bit data stored in a 16-bit container (max <= 255) keeps its values;
+    otherwise the full 16-bit range maps onto 0..255 (a fixed scale, so brightness stays comparable between
+    images instead of depending on each image's own maximum)."""
+    values = np.asarray(image).astype(np.int64).clip(0, 65535)
+    if values.max(initial=0) <= 255:
+        return Image.fromarray(values.astype(np.uint8))
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+
+
+def _palette_or_colour_to_uint8(image: Image.Image) -> Image.Image:
+    # PIL's ITU-R 601-2 luma; alpha is dropped (NIH PNGs with alpha are opaque).
+    return image.convert("L")
+
+
+TO_GRAYSCALE: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "L": lambda image: image,
+    "1": _palette_or_colour_to_uint8,
+    "P": _palette_or_colour_to_uint8,
+    "LA": _palette_or_colour_to_uint8,
+    "RGB": _palette_or_colour_to_uint8,
+    "RGBA": _palette_or_colour_to_uint8,
+    "I;16": _sixteen_bit_to_uint8,
+    "I;16B": _sixteen_bit_to_uint8,
+    "I;16L": _sixteen_bit_to_uint8,
+    "I": _sixteen_bit_to_uint8,
+}
+
+
+def _check_png_signature(path: Path) -> None:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(PNG_SIGNATURE))
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read image file ({error.strerror or error})") from None
+    if not head:
+        raise DataError(f"{path}: empty file, expected a PNG image")
+    if head != PNG_SIGNATURE:
+        raise DataError(f"{path}: not a PNG (wrong file signature), expected a PNG image")
+
+
+def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """Decode one PNG to a (image_size, image_size) grayscale uint8 array (non-square images are squashed, as
+    the reference implementations' Resize((size, size)) does). Raises DataError naming the file."""
+    path = Path(path)
+    _check_png_signature(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            to_gray = TO_GRAYSCALE.get(image.mode)
+            if to_gray is None:
+                raise DataError(f"{path}: unsupported PNG mode {image.mode!r}, expected one of: "
+                                f"{', '.join(TO_GRAYSCALE)}")
+            gray = to_gray(image)
+            if gray.size != (image_size, image_size):
+                gray = gray.resize((image_size, image_size), RESAMPLE, reducing_gap=REDUCING_GAP)
+            return np.asarray(gray, dtype=np.uint8)
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: corrupt or truncated PNG ({error})") from None
+
+
+# --- cache files -------------------------------------------------------------------------------------------
+
+def _paths_hash(paths: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.fsencode(os.fspath(path)) + b"\0")
+    return digest.hexdigest()
+
+
+class _CacheFiles:
+    """The file names of one (key, size) cache."""
+
+    def __init__(self, cache_dir: Path, key: str, image_size: int) -> None:
+        stem = f"{key}-{image_size}"
+        self.folder = cache_dir
+        self.data = cache_dir / f"{stem}.u8"
+        self.manifest = cache_dir / f"{stem}.json"
+        self.lock = cache_dir / f"{stem}.lock"
+        # Unique per build: orphaned workers of a killed build can only write into their own, deleted file.
+        self.partial_data = cache_dir / f"{stem}.u8.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.partial_manifest = cache_dir / f"{stem}.json.partial"
+
+    def remove_incomplete(self) -> None:
+        """Drop everything but the lock: called under the lock, so leftovers are from a build that died."""
+        for path in (self.manifest, self.partial_manifest, self.data,
+                     *self.folder.glob(glob.escape(self.data.name) + ".partial*")):
+            path.unlink(missing_ok=True)
+
+
+def _expected_manifest(shape: tuple[int, int, int], paths_hash: str) -> dict:
+    return {"format": MANIFEST_FORMAT, "shape": list(shape), "dtype": "uint8", "count": shape[0],
+            "paths_sha256": paths_hash}
+
+
+def _is_valid(files: _CacheFiles, expected: dict) -> bool:
+    try:
+        manifest = json.loads(files.manifest.read_text())
+        data_size = files.data.stat().st_size
+    except (OSError, ValueError):
+        return False
+    matches = all(manifest.get(name) == value for name, value in expected.items())
+    return matches and manifest.get("complete") is True and data_size == int(np.prod(expected["shape"]))
+
+
+def _write_manifest(files: _CacheFiles, expected: dict) -> None:
+    manifest = {**expected, "complete": True, "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with open(files.partial_manifest, "w") as handle:
+        json.dump(manifest, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(files.partial_manifest, files.manifest)
+
+
+# --- building ----------------------------------------------------------------------------------------------
+
+def _decode_chunk(data_path: str, start: int, paths: Sequence[str], image_size: int) -> int:
+    """Decode paths into rows start.. of the data file; runs in a worker process (or inline for one worker)."""
+    rows = np.memmap(data_path, dtype=np.uint8, mode="r+", offset=start * image_size * image_size,
+                     shape=(len(paths), image_size, image_size))
+    for row, path in enumerate(paths):
+        rows[row] = decode_image(path, image_size)
+    rows.flush()
+    del rows
+    return len(paths)
+
+
+def _tasks(paths: Sequence[str]) -> list[tuple[int, Sequence[str]]]:
+    return [(start, paths[start:start + IMAGES_PER_TASK]) for start in range(0, len(paths), IMAGES_PER_TASK)]
+
+
+def _decode_inline(data_path: str, paths: Sequence[str], image_size: int, bar: tqdm) -> None:
+    for start, chunk in _tasks(paths):
+        bar.update(_decode_chunk(data_path, start, chunk, image_size))
+
+
+def _decode_in_pool(data_path: str, paths: Sequence[str], image_size: int, bar: tqdm, workers: int) -> None:
+    # spawn, not fork: the caller may be a Ray worker or hold torch threads, which fork does not copy safely.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending = {pool.submit(_decode_chunk, data_path, start, chunk, image_size)
+                   for start, chunk in _tasks(paths)}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    bar.update(future.result())       # re-raises a worker's DataError
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _build(files: _CacheFiles, paths: Sequence[str], image_size: int, expected: dict, workers: int,
+           progress: bool) -> None:
+    files.remove_incomplete()
+    with open(files.partial_data, "wb") as handle:
+        handle.truncate(int(np.prod(expected["shape"])))     # sparse until the workers fill it
+    try:
+        with tqdm(total=len(paths), unit="img", disable=not progress,
+                  desc=f"caching {files.data.name}") as bar:
+            if workers <= 1:
+                _decode_inline(str(files.partial_data), paths, image_size, bar)
+            else:
+                _decode_in_pool(str(files.partial_data), paths, image_size, bar, workers)
+        with open(files.partial_data, "rb+") as handle:
+            os.fsync(handle.fileno())                    # data durable before the manifest vouches for it
+        os.replace(files.partial_data, files.data)
+        _write_manifest(files, expected)
+    except BaseException:
+        files.remove_incomplete()
+        raise
+
+
+def _empty(shape: tuple[int, int, int]) -> np.ndarray:
+    # mmap cannot map an empty file, so an empty split has no files at all.
+    empty = np.empty(shape, np.uint8)
+    empty.flags.writeable = False
+    return empty
+
+
+def open_cache(paths: Sequence[str], *, image_size: int, cache_dir: str | os.PathLike, key: str,
+               workers: int | None = None, progress: bool = True) -> np.ndarray:
+    """Read-only (N, image_size, image_size) uint8 memmap, row i = paths[i]; built once per (key, size, paths).
+
+    `key` names the data (fingerprint + split) and must be a plain file-name stem. Concurrent callers on one
+    node serialize on a file lock: one builds, the others wait and then reuse. `workers` defaults to all cores;
+    with more than one, decoding runs in spawned processes, so a calling script needs the usual
+    `if __name__ == "__main__":` guard. An empty path list gives an empty read-only array (no files).
+    """
+    if not _KEY_PATTERN.fullmatch(key):
+        raise ValueError(f"cache key {key!r} must be a file-name stem of letters, digits, '.', '_' or '-'")
+    paths = [os.fspath(path) for path in paths]
+    shape = (len(paths), image_size, image_size)
+    if not paths:
+        return _empty(shape)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    files = _CacheFiles(cache_dir, key, image_size)
+    expected = _expected_manifest(shape, _paths_hash(paths))
+    with FileLock(files.lock):
+        if not _is_valid(files, expected):
+            workers = max(1, min(workers or os.cpu_count() or 1, len(_tasks(paths))))
+            _build(files, paths, image_size, expected, workers, progress)
+        return np.memmap(files.data, dtype=np.uint8, mode="r", shape=shape)

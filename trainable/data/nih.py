@@ -1,0 +1,487 @@
+"""NIH ChestX-ray14 metadata, labels and patient-wise splits.
+
+Reads the Data_Entry CSV (2017 release with `058Y` ages, or the v2020 release with integer ages) into one row per
+image, finds the PNGs in NIH's flat layout (`images/`) or Kaggle's (`images_NNN/images/`), splits patient-wise
+(official lists or stratified), and saves the split as a fingerprinted CSV that every trial reads back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError, DataError
+from ..findings import FINDINGS, NO_FINDING
+
+CSV_NAMES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
+SYNTHETIC_MARKER = "SYNTHETIC.md"
+TRAIN_VAL_LIST = "train_val_list.txt"
+TEST_LIST = "test_list.txt"
+SPLITS = ("train", "val", "test")
+SPLIT_CSV = "split.csv"
+SPLIT_JSON = "split.json"
+
+SEXES = ("M", "F")
+VIEWS = ("PA", "AP")
+MAX_AGE_YEARS = 120.0
+# Age units of the 2017 release ('058Y', '005M', '010D', DICOM-style); a bare number (v2020) is years.
+AGE_UNIT_YEARS = {"": 1.0, "Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+AGE_PATTERN = r"^(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[YMWD]?)$"
+
+IMAGE_COLUMN = "Image Index"
+LABELS_COLUMN = "Finding Labels"
+META_COLUMNS = ("image", "path", "patient_id", "follow_up", "age", "sex", "view", *FINDINGS)
+
+
+# --- parsing the Data_Entry CSV ---------------------------------------------------------------------------
+
+def _non_negative_int(values: pd.Series) -> pd.Series:
+    numbers = pd.to_numeric(values, errors="coerce")
+    return numbers.where((numbers >= 0) & (numbers % 1 == 0))
+
+
+def _age_years(values: pd.Series) -> pd.Series:
+    parts = values.str.upper().str.extract(AGE_PATTERN)
+    years = pd.to_numeric(parts["number"]) * parts["unit"].map(AGE_UNIT_YEARS)
+    return years.where(years.between(0, MAX_AGE_YEARS))
+
+
+def _one_of(valid: tuple[str, ...], values: pd.Series) -> pd.Series:
+    upper = values.str.upper()
+    return upper.where(upper.isin(valid))
+
+
+# CSV column -> (our column, parser that returns NaN for an invalid value, what a valid value looks like)
+FIELD_PARSERS: dict[str, tuple[str, Callable[[pd.Series], pd.Series], str]] = {
+    "Patient ID": ("patient_id", _non_negative_int, "a non-negative integer"),
+    "Follow-up #": ("follow_up", _non_negative_int, "a non-negative integer"),
+    "Patient Age": ("age", _age_years, f"an age of 0-{MAX_AGE_YEARS:g} years such as 58, 058Y, 005M or 010D"),
+    "Patient Gender": ("sex", partial(_one_of, SEXES), "M or F"),
+    "View Position": ("view", partial(_one_of, VIEWS), "PA or AP"),
+}
+OPTIONAL_COLUMNS = {"Follow-up #": 0}   # absent column -> this value for every image
+REQUIRED_COLUMNS = (IMAGE_COLUMN, LABELS_COLUMN, *(c for c in FIELD_PARSERS if c not in OPTIONAL_COLUMNS))
+
+
+def _reject_rows(csv_path: Path, column: str, bad: pd.Series, values: pd.Series, images: pd.Series,
+                 expected: str) -> None:
+    """Raise naming the CSV, the column, the first offending image and value, and how many rows are affected."""
+    if bad.any():
+        first = int(np.argmax(bad.to_numpy()))
+        raise DataError(f"{csv_path}: column {column!r} has {int(bad.sum())} bad row(s), first at image "
+                        f"{images.iloc[first]}: {values.iloc[first]!r}; expected {expected}")
+
+
+def _read_raw_csv(csv_path: Path) -> pd.DataFrame:
+    try:
+        # index_col=False: the 2017 file ends every line with a comma, which would otherwise shift columns.
+        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, index_col=False, encoding="utf-8-sig")
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{csv_path}: not a readable CSV ({reason})") from None
+    raw.columns = raw.columns.str.strip()
+    missing = [name for name in REQUIRED_COLUMNS if name not in raw.columns]
+    if missing:
+        raise DataError(f"{csv_path}: missing column(s) {', '.join(map(repr, missing))}; "
+                        f"expected the NIH header with {', '.join(REQUIRED_COLUMNS)}")
+    if raw.empty:
+        raise DataError(f"{csv_path}: has a header but no rows; expected one row per image")
+    present = [name for name in (IMAGE_COLUMN, LABELS_COLUMN, *FIELD_PARSERS) if name in raw.columns]
+    return raw[present].apply(lambda column: column.str.strip())
+
+
+def _check_image_names(csv_path: Path, images: pd.Series) -> None:
+    _reject_rows(csv_path, IMAGE_COLUMN, images.eq("") | images.str.contains(r"[/\\]", regex=True), images,
+                 images, "a plain file name such as 00000001_000.png")
+    duplicated = images.duplicated(keep=False)
+    if duplicated.any():
+        name = images[duplicated].iloc[0]
+        raise DataError(f"{csv_path}: image {name} is listed {int(images.eq(name).sum())} times "
+                        f"({int(duplicated.sum())} rows share a name); expected each image name once")
+
+
+def _label_matrix(csv_path: Path, labels: pd.Series, images: pd.Series) -> pd.DataFrame:
+    """One uint8 0/1 column per finding, in FINDINGS order; `No Finding` is all zeros."""
+    dummies = labels.str.replace(r"\s*\|\s*", "|", regex=True).str.get_dummies(sep="|")
+    known = {*FINDINGS, NO_FINDING}
+    for name in (column for column in dummies.columns if column not in known):
+        _reject_rows(csv_path, LABELS_COLUMN, dummies[name].astype(bool), labels, images,
+                     f"only {NO_FINDING!r} or findings from {', '.join(FINDINGS)}; unknown finding {name!r}")
+    matrix = dummies.reindex(columns=list(FINDINGS), fill_value=0).astype(np.uint8)
+    if NO_FINDING in dummies:
+        _reject_rows(csv_path, LABELS_COLUMN, dummies[NO_FINDING].astype(bool) & matrix.any(axis=1).astype(bool),
+                     labels, images, f"{NO_FINDING!r} alone, not combined with findings")
+    return matrix
+
+
+def parse_entries(csv_path: str | os.PathLike) -> pd.DataFrame:
+    """The Data_Entry CSV as a table (no image paths): image, patient_id, follow_up, age, sex, view, 14 labels."""
+    csv_path = Path(csv_path)
+    raw = _read_raw_csv(csv_path)
+    images = raw[IMAGE_COLUMN]
+    for column in REQUIRED_COLUMNS:
+        _reject_rows(csv_path, column, raw[column].eq(""), raw[column], images, "a value (the field is empty)")
+    _check_image_names(csv_path, images)
+    table = pd.DataFrame({"image": images})
+    for column, (name, parse, expected) in FIELD_PARSERS.items():
+        if column not in raw.columns:
+            table[name] = OPTIONAL_COLUMNS[column]
+            continue
+        parsed = parse(raw[column])
+        _reject_rows(csv_path, column, parsed.isna(), raw[column], images, expected)
+        table[name] = parsed
+    table = table.astype({"patient_id": np.int64, "follow_up": np.int64, "age": np.float64, "sex": str, "view": str})
+    return pd.concat([table, _label_matrix(csv_path, raw[LABELS_COLUMN], images)], axis=1)
+
+
+# --- locating files ---------------------------------------------------------------------------------------
+
+def _require_folder(data_dir: Path) -> None:
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder not found; expected the NIH ChestX-ray14 folder holding "
+                        f"{CSV_NAMES[0]} and images/ (or Kaggle's images_NNN/images/)")
+
+
+def find_csv(data_dir: str | os.PathLike) -> Path:
+    """The Data_Entry CSV at the top of data_dir (plain or .gz)."""
+    data_dir = Path(data_dir)
+    _require_folder(data_dir)
+    # The newest release wins when both are present: v2020 corrected the 2017 ages.
+    for name in reversed(CSV_NAMES):
+        for candidate in (data_dir / name, data_dir / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    raise DataError(f"{data_dir}: no metadata CSV; expected {' or '.join(CSV_NAMES)} (optionally .gz) "
+                    f"at the top of the folder")
+
+
+def image_folders(data_dir: Path) -> list[Path]:
+    """NIH's flat `images/` first, then Kaggle's `images_NNN/images/` in name order."""
+    return [folder for folder in (data_dir / "images", *sorted(data_dir.glob("images_*/images"))) if folder.is_dir()]
+
+
+def scan_images(data_dir: str | os.PathLike) -> dict[str, str]:
+    """Image file name -> absolute path, one directory listing per folder (fast for 112k files)."""
+    found: dict[str, str] = {}
+    for folder in reversed(image_folders(Path(data_dir).absolute())):   # reversed: earlier folders win
+        with os.scandir(folder) as entries:
+            found.update({entry.name: entry.path for entry in entries
+                          if entry.name.lower().endswith(".png") and entry.is_file()})
+    return found
+
+
+def load_metadata(data_dir: str | os.PathLike, *, skip_missing: bool = False) -> pd.DataFrame:
+    """One row per image on disk: META_COLUMNS. attrs: `synthetic`, `skipped_missing`."""
+    data_dir = Path(data_dir).absolute()
+    csv_path = find_csv(data_dir)
+    entries = parse_entries(csv_path)
+    paths = entries["image"].map(scan_images(data_dir))
+    missing = paths.isna()
+    where = f"under {data_dir}/images/ or {data_dir}/images_*/images/"
+    if missing.all():
+        raise DataError(f"{csv_path}: none of its {len(entries)} images was found {where}")
+    if missing.any() and not skip_missing:
+        raise DataError(f"{csv_path}: {int(missing.sum())} of {len(entries)} images are not on disk, first "
+                        f"{entries['image'][missing].iloc[0]}; expected them {where} "
+                        f"(skip_missing / --skip-missing drops them)")
+    meta = entries.assign(path=paths.astype(str)).loc[~missing, list(META_COLUMNS)].reset_index(drop=True)
+    meta.attrs.update(synthetic=(data_dir / SYNTHETIC_MARKER).is_file(), skipped_missing=int(missing.sum()))
+    return meta
+
+
+def _read_names(path: Path) -> set[str]:
+    try:
+        return {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read the split list ({err}); expected one image name per line") from None
+
+
+def read_split_lists(data_dir: str | os.PathLike) -> tuple[set[str], set[str]] | None:
+    """(train_val names, test names) from the official lists, or None when neither file exists."""
+    paths = [Path(data_dir) / name for name in (TRAIN_VAL_LIST, TEST_LIST)]
+    present = [path.is_file() for path in paths]
+    if not any(present):
+        return None
+    if not all(present):
+        have, lack = (paths[0], paths[1]) if present[0] else (paths[1], paths[0])
+        raise DataError(f"{lack}: missing while {have.name} exists; the official split needs both lists")
+    train_val, test = (_read_names(path) for path in paths)
+    return train_val, test
+
+
+# --- what to train on ---------------------------------------------------------------------------------------
+
+def _only_view(view: str, meta: pd.DataFrame) -> pd.DataFrame:
+    return meta[meta["view"] == view]
+
+
+VIEW_FILTERS: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {
+    "all": lambda meta: meta,
+    **{view: partial(_only_view, view) for view in VIEWS},
+}
+
+
+def filter_view(meta: pd.DataFrame, view: str) -> pd.DataFrame:
+    if view not in VIEW_FILTERS:
+        raise ConfigError(f"data: view={view!r} is not one of: {', '.join(VIEW_FILTERS)}")
+    return VIEW_FILTERS[view](meta).reset_index(drop=True)
+
+
+def subset_patients(meta: pd.DataFrame, max_images: int, seed: int) -> pd.DataFrame:
+    """Whole, randomly chosen patients until max_images is reached (0 = everything)."""
+    if max_images <= 0 or len(meta) <= max_images:
+        return meta
+    counts = meta.groupby("patient_id").size()      # sorted by patient id, so independent of row order
+    shuffled = counts.iloc[np.random.default_rng(seed).permutation(len(counts))]
+    before = shuffled.cumsum() - shuffled          # images already taken when this patient comes up
+    keep = shuffled.index[before < max_images]
+    return meta[meta["patient_id"].isin(keep)].reset_index(drop=True)
+
+
+# --- splits -------------------------------------------------------------------------------------------------
+
+def patient_strata(meta: pd.DataFrame) -> pd.Series:
+    """Per patient: the rarest finding any of their images shows, or `No Finding`."""
+    rarest_first = meta[list(FINDINGS)].sum().sort_values(kind="stable").index
+    positives = meta.groupby("patient_id")[list(rarest_first)].max()
+    return positives.idxmax(axis=1).where(positives.any(axis=1), NO_FINDING)
+
+
+def assign_patients(meta: pd.DataFrame, fractions: Mapping[str, float], seed: int) -> pd.Series:
+    """Split name per image: patient-wise, stratified on each patient's rarest finding, fractions of images.
+
+    Within each stratum the patients are shuffled and laid end to end on [0, 1) by image count (with a random
+    start, i.e. systematic sampling); each patient goes to the split whose share of [0, 1) holds its midpoint.
+    """
+    if meta.empty:
+        return pd.Series([], index=meta.index, dtype=object)
+    rng = np.random.default_rng(seed)
+    patients = pd.DataFrame({"images": meta.groupby("patient_id").size(), "stratum": patient_strata(meta)})
+    patients = patients.iloc[rng.permutation(len(patients))]
+    stratum_images = patients.groupby("stratum")["images"]
+    middle = (stratum_images.cumsum() - patients["images"] / 2) / stratum_images.transform("sum")
+    starts = pd.Series(rng.random(patients["stratum"].nunique()), index=sorted(patients["stratum"].unique()))
+    position = (middle + patients["stratum"].map(starts)) % 1.0
+    edges = np.cumsum(list(fractions.values()))[:-1]
+    split_of_patient = pd.Series(np.asarray(list(fractions))[np.searchsorted(edges, position, side="right")],
+                                 index=patients.index)
+    return meta["patient_id"].map(split_of_patient).astype(object)
+
+
+def _official_lists(data_dir: Path) -> tuple[set[str], set[str]]:
+    lists = read_split_lists(data_dir)
+    if lists is None:
+        raise DataError(f"{data_dir}: the official split needs {TRAIN_VAL_LIST} and {TEST_LIST}, which are absent; "
+                        f"use --split patient for a patient-wise stratified split")
+    train_val, test = lists
+    both = sorted(train_val & test)
+    if both:
+        raise DataError(f"{data_dir}: image {both[0]} is in both {TRAIN_VAL_LIST} and {TEST_LIST} "
+                        f"({len(both)} such names); expected each image in one list")
+    return train_val, test
+
+
+def official_split(meta: pd.DataFrame, spec: "DataSpec", data_dir: Path) -> pd.Series:
+    """test = test_list.txt; val = val_fraction of the train_val images, carved patient-wise and stratified."""
+    train_val, test = _official_lists(Path(data_dir))
+    in_test = meta["image"].isin(test)
+    unlisted = ~in_test & ~meta["image"].isin(train_val)
+    if unlisted.any():
+        raise DataError(f"{data_dir}: image {meta['image'][unlisted].iloc[0]} is in neither {TRAIN_VAL_LIST} nor "
+                        f"{TEST_LIST} ({int(unlisted.sum())} such images); expected every image in one list")
+    mixed = in_test.groupby(meta["patient_id"]).nunique() > 1
+    if mixed.any():
+        raise DataError(f"{data_dir}: patient {mixed.index[mixed][0]} has images in both {TRAIN_VAL_LIST} and "
+                        f"{TEST_LIST} ({int(mixed.sum())} such patients); expected patient-wise lists")
+    split = pd.Series("test", index=meta.index, dtype=object)
+    fractions = {"val": spec.val_fraction, "train": 1.0 - spec.val_fraction}
+    split[~in_test] = assign_patients(meta[~in_test], fractions, spec.split_seed)
+    return split
+
+
+def patient_split(meta: pd.DataFrame, spec: "DataSpec", data_dir: Path) -> pd.Series:
+    """Patient-wise, stratified on findings; test_fraction and val_fraction are fractions of all images."""
+    fractions = {"test": spec.test_fraction, "val": spec.val_fraction,
+                 "train": 1.0 - spec.test_fraction - spec.val_fraction}
+    return assign_patients(meta, fractions, spec.split_seed)
+
+
+SPLITTERS: dict[str, Callable[[pd.DataFrame, "DataSpec", Path], pd.Series]] = {
+    "official": official_split,
+    "patient": patient_split,
+}
+
+
+def check_no_patient_leak(frame: pd.DataFrame) -> None:
+    splits_per_patient = frame.groupby("patient_id")["split"].nunique()
+    leaked = splits_per_patient.index[splits_per_patient > 1]
+    if len(leaked):
+        patient = leaked[0]
+        seen = sorted(frame.loc[frame["patient_id"] == patient, "split"].unique())
+        raise DataError(f"patient {patient} has images in splits {', '.join(seen)} ({len(leaked)} such patients); "
+                        f"expected every patient in exactly one split")
+
+
+# --- the data set specification -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataSpec:
+    data_dir: str
+    split: str = "official"          # registry: SPLITTERS
+    val_fraction: float = 0.1        # patient: of all images; official: of the train_val images
+    test_fraction: float = 0.2       # patient only; official uses test_list.txt
+    split_seed: int = 0
+    view: str = "all"                # registry: VIEW_FILTERS
+    max_images: int = 0              # 0 = all; otherwise whole patients up to about this many images
+    skip_missing: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", os.fspath(self.data_dir))
+        for key, registry in (("split", SPLITTERS), ("view", VIEW_FILTERS)):
+            if getattr(self, key) not in registry:
+                raise ConfigError(f"data: {key}={getattr(self, key)!r} is not one of: {', '.join(registry)}")
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ConfigError(f"data: {key}={value!r} must be a number between 0 and 1 (exclusive)")
+        if self.split == "patient" and self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"data: val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} "
+                              f"must be below 1 so the train split is not empty")
+        for key in ("split_seed", "max_images"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"data: {key}={value!r} must be an integer >= 0")
+        if not isinstance(self.skip_missing, bool):
+            raise ConfigError(f"data: skip_missing={self.skip_missing!r} must be true or false")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- fingerprint, saved splits ------------------------------------------------------------------------------
+
+def _require_columns(frame: pd.DataFrame, columns, source: str) -> None:
+    missing = [name for name in columns if name not in frame.columns]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}")
+
+
+def fingerprint(frame: pd.DataFrame) -> str:
+    """16 hex digits of sha256 over image names, split and labels; independent of row order."""
+    columns = ["image", "split", *FINDINGS]
+    _require_columns(frame, columns, "fingerprint")
+    canonical = (frame[columns].astype({name: np.uint8 for name in FINDINGS})
+                 .sort_values("image", kind="stable").to_csv(index=False, lineterminator="\n"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` into a temp file beside `path`, then rename, so no reader ever sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+@dataclass
+class PreparedData:
+    frame: pd.DataFrame          # META_COLUMNS + split, sorted by image
+    fingerprint: str
+    split_csv: Path
+    synthetic: bool
+
+    def subset(self, split: str) -> pd.DataFrame:
+        if split not in SPLITS:
+            raise ConfigError(f"data: split {split!r} is not one of: {', '.join(SPLITS)}")
+        rows = self.frame[self.frame["split"] == split]
+        return rows.sort_values("image", kind="stable").reset_index(drop=True)
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.subset(split)[list(FINDINGS)].to_numpy(np.float32)
+
+    def split_sizes(self) -> dict[str, dict[str, int]]:
+        grouped = self.frame.groupby("split")["patient_id"]
+        images, patients = grouped.size(), grouped.nunique()
+        return {name: {"images": int(images.get(name, 0)), "patients": int(patients.get(name, 0))}
+                for name in SPLITS}
+
+
+def _check_splits_non_empty(frame: pd.DataFrame, spec: DataSpec) -> None:
+    sizes = frame["split"].value_counts()
+    for name in SPLITS:
+        if sizes.get(name, 0) == 0:
+            raise DataError(f"{spec.data_dir}: split {name!r} is empty ({len(frame)} images after filters "
+                            f"split={spec.split}, view={spec.view}, max_images={spec.max_images}, "
+                            f"val_fraction={spec.val_fraction:g}, test_fraction={spec.test_fraction:g}); "
+                            f"use more images or larger fractions")
+
+
+def prepare_dataset(spec: DataSpec, out_dir: str | os.PathLike) -> PreparedData:
+    """Load, filter, split, check, then write out_dir/split.csv and split.json (nothing on error)."""
+    meta = load_metadata(spec.data_dir, skip_missing=spec.skip_missing)
+    synthetic, skipped = meta.attrs["synthetic"], meta.attrs["skipped_missing"]
+    meta = subset_patients(filter_view(meta, spec.view), spec.max_images, spec.split_seed)
+    frame = meta.assign(split=SPLITTERS[spec.split](meta, spec, Path(spec.data_dir)))
+    check_no_patient_leak(frame)
+    _check_splits_non_empty(frame, spec)
+    frame = frame.sort_values("image", kind="stable").reset_index(drop=True)
+    prepared = PreparedData(frame, fingerprint(frame), Path(out_dir) / SPLIT_CSV, synthetic)
+    summary = {"fingerprint": prepared.fingerprint, "spec": spec.to_dict(), "sizes": prepared.split_sizes(),
+               "synthetic": synthetic, "skipped_missing": skipped}
+    write_atomically(prepared.split_csv, lambda tmp: frame.to_csv(tmp, index=False))
+    write_text_atomically(prepared.split_csv.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+    return prepared
+
+
+SAVED_DTYPES = {"image": str, "path": str, "patient_id": np.int64, "follow_up": np.int64, "age": np.float64,
+                "sex": str, "view": str, "split": str, **{name: np.uint8 for name in FINDINGS}}
+
+
+def _read_summary(json_path: Path) -> dict:
+    try:
+        return json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{json_path}: not readable JSON ({err}); re-run data preparation") from None
+
+
+def load_prepared(split_csv: str | os.PathLike) -> PreparedData:
+    """Read a split.csv back; checks it against the fingerprint in the split.json beside it, when present."""
+    split_csv = Path(split_csv)
+    try:
+        frame = pd.read_csv(split_csv, dtype={"image": str, "path": str, "sex": str, "view": str, "split": str})
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{split_csv}: not a readable split CSV ({str(err).splitlines()[0]})") from None
+    _require_columns(frame, list(SAVED_DTYPES), str(split_csv))
+    bad_split = ~frame["split"].isin(SPLITS)
+    bad_labels = ~frame[list(FINDINGS)].isin([0, 1]).all(axis=1)
+    for bad, expected in ((bad_split, f"split in {', '.join(SPLITS)}"), (bad_labels, "labels 0 or 1")):
+        if bad.any():
+            raise DataError(f"{split_csv}: {int(bad.sum())} row(s) without {expected}, first image "
+                            f"{frame['image'][bad].iloc[0]}; re-run data preparation")
+    frame = frame[[*META_COLUMNS, "split"]].astype(SAVED_DTYPES)
+    prepared = PreparedData(frame, fingerprint(frame), split_csv, synthetic=False)
+    json_path = split_csv.with_suffix(".json")
+    if json_path.is_file():
+        summary = _read_summary(json_path)
+        if summary.get("fingerprint") != prepared.fingerprint:
+            raise DataError(f"{split_csv}: fingerprint {prepared.fingerprint} does not match "
+                            f"{summary.get('fingerprint')!r} in {json_path.name}; the split was edited after it was "
+                            f"prepared; re-run data preparation")
+        prepared.synthetic = bool(summary.get("synthetic", False))
+    return prepared

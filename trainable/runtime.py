@@ -1,0 +1,43 @@
+"""Where a trial runs: device, numeric precision, per-epoch seeding and the node-local cache folder."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CACHE_ENV = "CXR_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """Node-local decode-once cache: $CXR_CACHE_DIR, else the user's cache folder (shared by all trials on a node)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cxr-ablate"
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast where asked for; fp32 runs without autocast."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    # Every epoch's randomness derives from (seed, epoch) alone, so a run resumed at epoch k draws exactly
+    # what an uninterrupted run draws there, with no RNG state to carry across processes or devices.
+    return (seed * 1_000_003 + epoch) % (2**31 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)

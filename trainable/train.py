@@ -1,0 +1,223 @@
+"""train(config, data, report): one trial's loop, with per-epoch checkpoints it can resume from exactly.
+
+It knows nothing of Ray or MLflow: each epoch it writes a checkpoint folder and hands it, with the epoch's
+metrics, to `report`. Adapters (the CLI, trainable.tune) decide where reports and checkpoints go.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import TrialConfig
+from .data.augment import BatchAugment
+from .data.cache import open_cache
+from .data.demographics import demographic_matrix
+from .data.loader import OVERSAMPLERS, BatchLoader
+from .data.nih import PreparedData
+from .errors import TrialDiverged
+from .findings import FINDINGS
+from .losses import LabelStats, create_loss
+from .metrics import epoch_metrics
+from .models import create_model, input_stats
+from .optim import create_optimizer, create_scheduler
+from .runtime import autocast, default_cache_dir, epoch_seed, pick_device, seed_everything
+
+STATE_FILE = "state.pt"
+PREDICTIONS_FILE = "val_predictions.npz"
+THRESHOLDS_FILE = "thresholds.json"
+
+Report = Callable[[dict, Path], None]
+
+
+@dataclass
+class SplitArrays:
+    """One split as the trial consumes it: cached pixels, labels, demographic inputs and image names."""
+    images: np.ndarray
+    labels: np.ndarray
+    demographics: np.ndarray
+    names: np.ndarray
+
+    @classmethod
+    def load(cls, data: PreparedData, split: str, cfg: TrialConfig, cache_dir: Path) -> "SplitArrays":
+        frame = data.subset(split)
+        images = open_cache(frame["path"].tolist(), image_size=cfg.image_size, cache_dir=cache_dir,
+                            key=f"{data.fingerprint}-{split}")
+        return cls(images=images, labels=data.labels(split), demographics=demographic_matrix(frame, cfg.demographics),
+                   names=frame["image"].to_numpy(str))
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: str | Path | None = None,
+          resume_from: str | Path | None = None, device: torch.device | None = None) -> TrainResult:
+    """Train one trial; call `report(metrics, checkpoint_dir)` after every epoch.
+
+    `resume_from` is a checkpoint folder written by an earlier epoch: training continues at the next epoch with
+    the same model, optimizer, scheduler and early-stopping state, and the same random draws.
+    """
+    device = device or pick_device()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    seed_everything(cfg.seed)
+    train_split = SplitArrays.load(data, "train", cfg, cache_dir)
+    val_split = SplitArrays.load(data, "val", cfg, cache_dir)
+
+    model = create_model(cfg).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    mean, std = input_stats(model)
+    augment = BatchAugment(cfg, mean=mean, std=std).to(device)
+    criterion = create_loss(cfg, LabelStats.from_labels(train_split.labels)).to(device)
+    optimizer = create_optimizer(cfg, model)
+    scheduler = create_scheduler(cfg, optimizer)
+    forward = torch.compile(model) if cfg.compile else model
+
+    weights = OVERSAMPLERS[cfg.oversample](train_split.labels, cfg.oversample_power)
+    pin = device.type == "cuda"
+    train_loader = BatchLoader(train_split.images, train_split.labels, train_split.demographics,
+                               batch_size=cfg.batch_size, shuffle=True, weights=weights, seed=cfg.seed, pin_memory=pin)
+    val_loader = BatchLoader(val_split.images, val_split.labels, val_split.demographics,
+                             batch_size=max(cfg.batch_size, 64), shuffle=False, seed=cfg.seed, pin_memory=pin)
+
+    progress = _Progress()
+    if resume_from is not None:
+        progress = _restore(Path(resume_from), model, optimizer, scheduler, cfg)
+
+    result = TrainResult(best_epoch=progress.best_epoch)
+    for epoch in range(progress.next_epoch, cfg.epochs + 1):
+        started = time.perf_counter()
+        train_loss, seen = _train_one_epoch(forward, augment, criterion, optimizer, train_loader, cfg, epoch, device)
+        val_loss, probs = _evaluate(forward, augment, criterion, val_loader, cfg, device)
+        metrics, thresholds = epoch_metrics(val_split.labels, probs, val_loss=val_loss)
+        scheduler.step(val_loss)
+        progress.update(epoch, metrics["val_auc_mean"])
+        elapsed = time.perf_counter() - started
+        metrics = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                   "train_images_per_s": seen / elapsed, **metrics}
+        checkpoint = _write_checkpoint(model, optimizer, scheduler, progress, cfg, val_split, probs, thresholds)
+        try:
+            report(metrics, checkpoint)
+        finally:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        result.history.append(metrics)
+        result.best_epoch = progress.best_epoch
+        if progress.should_stop(cfg.early_stop_patience):
+            result.stopped_early = epoch < cfg.epochs
+            break
+    return result
+
+
+# --- one epoch ----------------------------------------------------------------------------------
+
+def _train_one_epoch(model, augment, criterion, optimizer, loader, cfg, epoch, device) -> tuple[float, int]:
+    model.train()
+    augment.train()
+    torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout and friends
+    generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+    total, seen = 0.0, 0
+    for step, batch in enumerate(loader.epoch(epoch)):
+        batch = batch.to(device)
+        images = augment(batch.images, generator)
+        if cfg.channels_last and device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(cfg.precision, device):
+            logits = model(images, batch.demographics)
+        loss = criterion(logits.float(), batch.labels)
+        if not torch.isfinite(loss):
+            raise TrialDiverged(f"training loss became {loss.item()} at epoch {epoch}, step {step} "
+                                f"(lr={optimizer.param_groups[0]['lr']:g}, loss={cfg.loss})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(batch.labels)
+        seen += len(batch.labels)
+    return total / max(seen, 1), seen
+
+
+@torch.no_grad()
+def _evaluate(model, augment, criterion, loader, cfg, device) -> tuple[float, np.ndarray]:
+    model.eval()
+    augment.eval()
+    losses, probs = [], []
+    for batch in loader.epoch(0):
+        batch = batch.to(device)
+        with autocast(cfg.precision, device):
+            logits = model(augment(batch.images), batch.demographics).float()
+        losses.append(criterion(logits, batch.labels).item() * len(batch.labels))
+        probs.append(torch.sigmoid(logits).cpu().numpy())
+    probs_all = np.concatenate(probs).astype(np.float32)
+    return float(sum(losses) / len(probs_all)), probs_all
+
+
+# --- progress and checkpoints -------------------------------------------------------------------
+
+@dataclass
+class _Progress:
+    next_epoch: int = 1
+    best_auc: float = -math.inf
+    best_epoch: int = 0
+    epochs_without_gain: int = 0
+
+    def update(self, epoch: int, auc_mean: float) -> None:
+        self.next_epoch = epoch + 1
+        if auc_mean > self.best_auc:
+            self.best_auc, self.best_epoch, self.epochs_without_gain = auc_mean, epoch, 0
+        else:
+            self.epochs_without_gain += 1
+
+    def should_stop(self, patience: int) -> bool:
+        return patience > 0 and self.epochs_without_gain >= patience
+
+
+def _write_checkpoint(model, optimizer, scheduler, progress: _Progress, cfg: TrialConfig, val: SplitArrays,
+                      probs: np.ndarray, thresholds: np.ndarray) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="cxr-checkpoint-"))
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "progress": vars(progress), "config": cfg.to_dict(),
+                # randomness is re-derived from (seed, epoch): see runtime.epoch_seed
+                "rng": {"seed": cfg.seed, "next_epoch": progress.next_epoch}},
+               folder / STATE_FILE)
+    np.savez_compressed(folder / PREDICTIONS_FILE, images=val.names, labels=val.labels, probs=probs,
+                        findings=np.array(FINDINGS))
+    (folder / THRESHOLDS_FILE).write_text(json.dumps(dict(zip(FINDINGS, map(float, thresholds))), indent=2))
+    return folder
+
+
+def _restore(folder: Path, model, optimizer, scheduler, cfg: TrialConfig) -> _Progress:
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    saved = TrialConfig.from_dict(state["config"])
+    if saved != cfg:
+        changed = sorted(k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v)
+        raise ValueError(f"{folder}: checkpoint was written with a different config (keys {', '.join(changed)})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return _Progress(**state["progress"])
+
+
+def copy_checkpoint(source: Path, destination: Path) -> None:
+    """Copy a checkpoint folder so that `destination` appears complete or not at all."""
+    staging = destination.with_name(destination.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    if destination.exists():
+        shutil.rmtree(destination)
+    os.replace(staging, destination)
