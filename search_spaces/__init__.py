@@ -206,6 +206,8 @@ def _search_param(name: str, options: Any, base: Mapping[str, Any], earlier: lis
         raise ConfigError(f"{where}: log: true needs low > 0, got low={low!r}")
     check(low), check(high)
     step = options.get("step")
+    if log and step is not None:
+        raise ConfigError(f"{where}: log: true and step cannot be combined (Optuna samples one or the other)")
     return SearchParam(name=name, low=low, high=high, log=log, step=None if step is None else float(step), when=when)
 
 

@@ -99,7 +99,7 @@ class Ablation:
                  fmt_mean_sd(*s["f1"]),
                  "" if name == BASELINE_ARM else fmt(s["f1"][0] - base["f1"][0], signed=True)]
                 for name, s in stats.items()]
-        table = format_table(["arm", "factor", "seeds", "AUC mean ± sd", "ΔAUC", "F1 mean ± sd", "ΔF1"], rows)
+        table = format_table(["arm", "factor", "seeds", "AUC mean ± sd", "ΔAUC", "F1 mean ± sd", "ΔF1"], rows, "llrrrrr")
         lines = [title, f"validation metrics of the final epoch (budget {epochs}), mean ± sd over seeds; "
                         f"Δ = arm mean − baseline mean", "", table, "",
                  "Single-split validation numbers without confidence intervals: the effect analysis (paired "

@@ -31,7 +31,7 @@ def describe_arms(arms_file: str | Path | None = None) -> str:
         rows.append([arm.name, arm.factor, shown])
     sources = ", ".join(_relative(s) for s in dict.fromkeys(arm.source for arm in arms.values()))
     return f"ablation arms ({sources}); changes are relative to the baseline:\n" + \
-        format_table(["arm", "factor", "changes"], rows, left=3)
+        format_table(["arm", "factor", "changes"], rows, "lll")
 
 
 def _domain(param: SearchParam) -> str:
@@ -47,7 +47,7 @@ def describe_space(space_file: str | Path = OPTUNA_SPACE_FILE) -> str:
     rows = [[p.name, p.kind, _domain(p), " and ".join(f"{k} in {'/'.join(map(_show, v))}" for k, v in p.when.items())]
             for p in space.params]
     return f"Optuna space ({_relative(space.source)}), from preset {space.base_preset!r}:\n" + \
-        format_table(["param", "kind", "domain", "only when"], rows, left=4)
+        format_table(["param", "kind", "domain", "only when"], rows, "llll")
 
 
 def describe(arms_file: str | Path | None = None, space_file: str | Path = OPTUNA_SPACE_FILE) -> str:

@@ -19,10 +19,12 @@ PROBE_TIMEOUT_S = 60
 def start_ray(address: str | None) -> None:
     """Join `address` (or RAY_ADDRESS); with neither, start a local Ray on this machine."""
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # Warnings only, in the driver and in trials: Tune's progress table is the live view.
+    quiet = {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="WARNING")}
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, **quiet)
     else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(include_dashboard=False, **quiet)
 
 
 def alive_nodes() -> list[dict]:

@@ -62,12 +62,12 @@ def fmt_mean_sd(mean: float, sd: float) -> str:
     return fmt(mean) if not math.isfinite(sd) else f"{fmt(mean)} ± {fmt(sd)}"
 
 
-def format_table(header: Sequence[str], rows: Iterable[Sequence[str]], *, left: int = 2) -> str:
-    """Columns padded to width; the first `left` columns left-aligned, the rest right-aligned (numbers)."""
+def format_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> str:
+    """Columns padded to width; `align` has one letter per column: l (text) or r (numbers)."""
     rows = [list(map(str, row)) for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+    widths = [max([len(str(h)), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w)
+                         for c, w, a in zip(cells, widths, align)).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])

@@ -160,7 +160,7 @@ def _parent_run(client, uri: str, args: argparse.Namespace, location: SweepLocat
     sizes = {f"split_{name}_{unit}": count for name, size in data.split_sizes().items() for unit, count in size.items()}
     params = {**{k: v for k, v in vars(args).items() if k not in ("resume", "list")}, **sizes,
               "data_fingerprint": data.fingerprint,
-              "git_commit": commit, "storage": location.path}
+              "git_commit": commit, "sweep_path": location.path}
     tags = {"kind": plan.kind, "data": "SYNTHETIC" if data.synthetic else "NIH", "synthetic_data": data.synthetic,
             "data_fingerprint": data.fingerprint, "git_commit": commit, "sweep_path": mask_secrets(location.path),
             "ray_version": ray.__version__}
@@ -186,6 +186,9 @@ def _fit(plan: SweepKind, args: argparse.Namespace, location: SweepLocation, swe
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     # The new output engine ignores a passed-in progress reporter; the CLIReporter shows arm/seed and AUC/F1.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # num_to_keep makes Tune snapshot its state at every checkpoint, which resume wants; without this, Tune
+    # warns about those snapshots every few seconds.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if resumed:
         if not tune.Tuner.can_restore(location.path):
             raise ConfigError(f"--resume {location.name}: {location.path} holds no Tune experiment state to resume")

@@ -156,7 +156,7 @@ class Search:
                  fmt(t.value("val_f1_mean")), _params(t, searched)] for t in trials[:TOP_TRIALS]]
         lines = [title, f"{len(trials)} trial(s) ran, {sum(t.epoch < epochs for t in trials)} stopped early by "
                         f"ASHA, {failed} failed; top {min(TOP_TRIALS, len(trials))} by final val_auc_mean:", "",
-                 format_table(["trial", "epochs", "", "AUC", "F1", "searched params"], rows, left=3), ""]
+                 format_table(["trial", "epochs", "", "AUC", "F1", "searched params"], rows, "lrlrrl"), ""]
         full = [t for t in trials if t.epoch >= epochs]
         if not full:
             lines.append("no trial ran its full budget: no best config")

@@ -97,7 +97,7 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
     val_loader = BatchLoader(val_split.images, val_split.labels, val_split.demographics,
                              batch_size=max(cfg.batch_size, 64), shuffle=False, seed=cfg.seed, pin_memory=pin)
 
-    progress = _Progress()
+    progress = TrialProgress()
     if resume_from is not None:
         progress = _restore(Path(resume_from), model, optimizer, scheduler, cfg)
 
@@ -170,7 +170,7 @@ def _evaluate(model, augment, criterion, loader, cfg, device) -> tuple[float, np
 # --- progress and checkpoints -------------------------------------------------------------------
 
 @dataclass
-class _Progress:
+class TrialProgress:
     next_epoch: int = 1
     best_auc: float = -math.inf
     best_epoch: int = 0
@@ -187,7 +187,7 @@ class _Progress:
         return patience > 0 and self.epochs_without_gain >= patience
 
 
-def _write_checkpoint(model, optimizer, scheduler, progress: _Progress, cfg: TrialConfig, val: SplitArrays,
+def _write_checkpoint(model, optimizer, scheduler, progress: TrialProgress, cfg: TrialConfig, val: SplitArrays,
                       probs: np.ndarray, thresholds: np.ndarray) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="cxr-checkpoint-"))
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -201,7 +201,7 @@ def _write_checkpoint(model, optimizer, scheduler, progress: _Progress, cfg: Tri
     return folder
 
 
-def _restore(folder: Path, model, optimizer, scheduler, cfg: TrialConfig) -> _Progress:
+def _restore(folder: Path, model, optimizer, scheduler, cfg: TrialConfig) -> TrialProgress:
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     saved = TrialConfig.from_dict(state["config"])
     if saved != cfg:
@@ -210,7 +210,7 @@ def _restore(folder: Path, model, optimizer, scheduler, cfg: TrialConfig) -> _Pr
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return _Progress(**state["progress"])
+    return TrialProgress(**state["progress"])
 
 
 def copy_checkpoint(source: Path, destination: Path) -> None:
