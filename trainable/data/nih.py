@@ -113,9 +113,12 @@ def _label_matrix(csv_path: Path, labels: pd.Series, images: pd.Series) -> pd.Da
     """One uint8 0/1 column per finding, in FINDINGS order; `No Finding` is all zeros."""
     dummies = labels.str.replace(r"\s*\|\s*", "|", regex=True).str.get_dummies(sep="|")
     known = {*FINDINGS, NO_FINDING}
-    for name in (column for column in dummies.columns if column not in known):
-        _reject_rows(csv_path, LABELS_COLUMN, dummies[name].astype(bool), labels, images,
-                     f"only {NO_FINDING!r} or findings from {', '.join(FINDINGS)}; unknown finding {name!r}")
+    unknown = [column for column in dummies.columns if column not in known]
+    if unknown:
+        rows = dummies[unknown[0]].astype(bool)
+        raise DataError(f"{csv_path}: unknown finding {unknown[0]!r} in {LABELS_COLUMN!r} of image "
+                        f"{images[rows].iloc[0]} ({int(rows.sum())} row(s)); expected {NO_FINDING!r} or "
+                        f"'|'-joined names from: {', '.join(FINDINGS)}")
     matrix = dummies.reindex(columns=list(FINDINGS), fill_value=0).astype(np.uint8)
     if NO_FINDING in dummies:
         _reject_rows(csv_path, LABELS_COLUMN, dummies[NO_FINDING].astype(bool) & matrix.any(axis=1).astype(bool),
@@ -249,32 +252,38 @@ def subset_patients(meta: pd.DataFrame, max_images: int, seed: int) -> pd.DataFr
 
 # --- splits -------------------------------------------------------------------------------------------------
 
-def patient_strata(meta: pd.DataFrame) -> pd.Series:
-    """Per patient: the rarest finding any of their images shows, or `No Finding`."""
-    rarest_first = meta[list(FINDINGS)].sum().sort_values(kind="stable").index
-    positives = meta.groupby("patient_id")[list(rarest_first)].max()
-    return positives.idxmax(axis=1).where(positives.any(axis=1), NO_FINDING)
+def patient_strata(meta: pd.DataFrame) -> pd.DataFrame:
+    """Per patient: `stratum`, the rarest finding any of their images shows (or `No Finding`), and `weight`,
+    how many of their images show it (all their images for `No Finding`)."""
+    rarest_first = list(meta[list(FINDINGS)].sum().sort_values(kind="stable").index)
+    positives = meta.groupby("patient_id")[rarest_first].sum()
+    stratum = positives.gt(0).idxmax(axis=1).where(positives.gt(0).any(axis=1), NO_FINDING)
+    counts = positives.assign(**{NO_FINDING: meta.groupby("patient_id").size()})
+    weight = counts.to_numpy()[np.arange(len(counts)), counts.columns.get_indexer(stratum)]
+    return pd.DataFrame({"stratum": stratum, "weight": weight}, index=counts.index)
 
 
 def assign_patients(meta: pd.DataFrame, fractions: Mapping[str, float], seed: int) -> pd.Series:
-    """Split name per image: patient-wise, stratified on each patient's rarest finding, fractions of images.
+    """Split name per image: patient-wise, stratified on each patient's rarest finding.
 
-    Within each stratum the patients are shuffled and laid end to end on [0, 1) by image count (with a random
-    start, i.e. systematic sampling); each patient goes to the split whose share of [0, 1) holds its midpoint.
+    Within each stratum the patients are shuffled and laid end to end on [0, 1), each as long as its weight
+    (images showing the stratum's finding), from a random start (systematic sampling); a patient goes to the split
+    whose share of [0, 1) holds its midpoint. So even a finding on 200 images lands in each split in proportion,
+    and the image fractions come out close to `fractions` (ordered name -> fraction, summing to 1).
     """
     if meta.empty:
-        return pd.Series([], index=meta.index, dtype=object)
+        return pd.Series([], index=meta.index, dtype=str)
     rng = np.random.default_rng(seed)
-    patients = pd.DataFrame({"images": meta.groupby("patient_id").size(), "stratum": patient_strata(meta)})
+    patients = patient_strata(meta)
     patients = patients.iloc[rng.permutation(len(patients))]
-    stratum_images = patients.groupby("stratum")["images"]
-    middle = (stratum_images.cumsum() - patients["images"] / 2) / stratum_images.transform("sum")
+    stratum_weight = patients.groupby("stratum")["weight"]
+    middle = (stratum_weight.cumsum() - patients["weight"] / 2) / stratum_weight.transform("sum")
     starts = pd.Series(rng.random(patients["stratum"].nunique()), index=sorted(patients["stratum"].unique()))
     position = (middle + patients["stratum"].map(starts)) % 1.0
     edges = np.cumsum(list(fractions.values()))[:-1]
     split_of_patient = pd.Series(np.asarray(list(fractions))[np.searchsorted(edges, position, side="right")],
                                  index=patients.index)
-    return meta["patient_id"].map(split_of_patient).astype(object)
+    return meta["patient_id"].map(split_of_patient).astype(str)
 
 
 def _official_lists(data_dir: Path) -> tuple[set[str], set[str]]:
@@ -302,7 +311,7 @@ def official_split(meta: pd.DataFrame, spec: "DataSpec", data_dir: Path) -> pd.S
     if mixed.any():
         raise DataError(f"{data_dir}: patient {mixed.index[mixed][0]} has images in both {TRAIN_VAL_LIST} and "
                         f"{TEST_LIST} ({int(mixed.sum())} such patients); expected patient-wise lists")
-    split = pd.Series("test", index=meta.index, dtype=object)
+    split = pd.Series("test", index=meta.index, dtype=str)
     fractions = {"val": spec.val_fraction, "train": 1.0 - spec.val_fraction}
     split[~in_test] = assign_patients(meta[~in_test], fractions, spec.split_seed)
     return split
@@ -345,6 +354,8 @@ class DataSpec:
     skip_missing: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.data_dir, (str, os.PathLike)):
+            raise ConfigError(f"data: data_dir={self.data_dir!r} must be a folder path")
         object.__setattr__(self, "data_dir", os.fspath(self.data_dir))
         for key, registry in (("split", SPLITTERS), ("view", VIEW_FILTERS)):
             if getattr(self, key) not in registry:

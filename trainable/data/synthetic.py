@@ -1,7 +1,7 @@
 """A generated data set in the exact NIH ChestX-ray14 layout, for demos and tests where the real images are absent.
 
-Each finding gets its own strong visual signature (a shape at its own place on a chest-like background), so a tiny
-CNN learns every finding in a couple of epochs; `age_dependent_finding` instead makes one finding depend on age
+Each finding gets its own strong visual signature (its own shape, texture and place on a chest-like background), so
+a tiny CNN learns every finding in a couple of epochs; `age_dependent_finding` instead makes one finding depend on age
 only, with nothing to see, so demographic inputs can be shown to help.
 
     python -m trainable.data.synthetic OUT_DIR [--patients 300] [--image-size 128] [--layout nih|kaggle] ...
@@ -41,6 +41,7 @@ PA_RATE = 0.60            # NIH: 67,310 PA of 112,120
 TEST_PATIENT_RATE = 0.2
 AGE_THRESHOLD, AGE_LABEL_NOISE = 60, 0.05
 KAGGLE_FOLDERS = 12
+SIGNATURE_STRENGTH = 1.3  # scales every finding's contrast; lower makes the synthetic task harder
 
 
 def finding_prevalence() -> np.ndarray:
@@ -54,7 +55,8 @@ def _patients_table(rng: np.random.Generator, patients: int) -> pd.DataFrame:
     patient_id = np.repeat(np.arange(1, patients + 1), counts)
     follow_up = np.concatenate([np.arange(count) for count in counts])
     first_age = np.repeat(rng.integers(AGE_RANGE[0], AGE_RANGE[1] + 1, patients), counts)
-    age = np.minimum(first_age + follow_up * rng.integers(0, 2, len(follow_up)), AGE_RANGE[1])
+    years_since_last = np.where(follow_up > 0, rng.integers(0, 2, len(follow_up)), 0)   # ages never go down
+    age = np.minimum(first_age + pd.Series(years_since_last).groupby(patient_id).cumsum().to_numpy(), AGE_RANGE[1])
     sex = np.repeat(np.where(rng.random(patients) < MALE_RATE, "M", "F"), counts)
     view = np.where(rng.random(len(follow_up)) < PA_RATE, "PA", "AP")
     return pd.DataFrame({"patient_id": patient_id, "follow_up": follow_up, "age": age, "sex": sex, "view": view})
@@ -145,7 +147,7 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 def _templates(size: int, age_dependent: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Chest background (S, S) and one signature per finding (14, S, S); the age-dependent finding has none."""
     y, x = _grid(size)
-    signatures = np.stack([SIGNATURES[name](y, x) for name in FINDINGS]).astype(np.float32)
+    signatures = SIGNATURE_STRENGTH * np.stack([SIGNATURES[name](y, x) for name in FINDINGS]).astype(np.float32)
     if age_dependent is not None:
         signatures[age_dependent] = 0
     return _chest(y, x).astype(np.float32), signatures
@@ -272,6 +274,7 @@ def generate(out_dir: str | Path, *, patients: int = 300, image_size: int = 128,
              layout: str = "nih", csv_variant: str = "v2020", age_dependent_finding: str | None = None,
              png_modes: Sequence[str] = ("L",)) -> Path:
     """Write a synthetic NIH-layout data set into out_dir (deterministic for a seed); returns out_dir."""
+    png_modes = (png_modes,) if isinstance(png_modes, str) else tuple(png_modes)
     _check_arguments(patients, image_size, layout, csv_variant, age_dependent_finding, png_modes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,8 +325,8 @@ def _parser() -> argparse.ArgumentParser:
                              "058Y ages and a trailing comma on every line (default: %(default)s)")
     parser.add_argument("--age-dependent-finding", choices=list(FINDINGS), default=None, metavar="FINDING",
                         help=f"make this finding positive iff age > {AGE_THRESHOLD} (with "
-                             f"{AGE_LABEL_NOISE:.0%} label noise) and invisible in the image, to test "
-                             "demographic inputs (default: none)")
+                             f"{AGE_LABEL_NOISE * 100:g}%% label noise) and invisible in the image, to test "
+                             f"demographic inputs; one of {', '.join(FINDINGS)} (default: none)")
     parser.add_argument("--png-modes", default="L", type=lambda text: tuple(text.split(",")),
                         help=f"comma-separated PIL modes the images cycle through, of {', '.join(PNG_MODES)} "
                              "(default: L)")
