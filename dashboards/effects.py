@@ -16,37 +16,46 @@ Two sources of noise make Δ uncertain, and the interval must carry both.
    F1 are recomputed and averaged over the arm's seeds, giving Δ*_b; V_img = var(Δ*). AUC per replicate is
    computed exactly (ties count one half, as in sklearn) from weighted rank sums: the resample is a vector of
    counts per image, and a sparse matrix per trial and finding sums those counts into the bins between
-   positive scores, so 1000 replicates × 14 findings × a few trials × 10k images take about a second.
+   positive scores: 1000 replicates × 14 findings × 6 trials × 10k images take about 2 s on 2 busy cores.
 2. Seeds. Training randomness moves a whole model (a lucky seed is better on most images), and the image
    bootstrap holds trained models fixed: it cannot see this. Two identical configurations trained with
    different seeds then differ by more than V_img explains, and an image-only interval calls them different
-   far too often (measured below). The between-seed part is V_seed = s²_arm/k_arm + s²_base/k_base (Welch),
-   from the per-seed metrics on the full validation set.
+   far too often (measured below). The between-seed part is V_seed = σ²_arm/k_arm + σ²_base/k_base, from the
+   per-seed metrics on the full validation set, where each arm's σ² is the larger of its own seed variance and
+   the within-arm seed variance pooled over all arms of the sweep (df = Σ (k − 1)).
 
 **Interval**: the paired percentile interval [q_lo, q_hi] of Δ*, widened about Δ by
-f = t_ν · sqrt(V_img + V_seed) / (z · sqrt(V_img)), where ν is the Welch–Satterthwaite degrees of freedom
-ν = (V_img + V_seed)² / Σ_terms (s²/k)² / (k − 1), the image term counted with unlimited degrees of freedom
-(thousands of images). With one seed per arm f = 1 and the interval is exactly the paired percentile bootstrap;
-with few seeds the t quantile carries the uncertainty of a variance estimated from few seeds (with 2 seeds per
-arm and seed noise dominating, ν ≈ 2 and t = 4.3: such intervals are wide, by necessity).
+f = t_df · sqrt(V_img + V_seed) / (z · sqrt(V_img)), with df the pooled seed degrees of freedom. With one seed
+per arm there is no seed term, f = 1 and the interval is exactly the paired percentile bootstrap. The pooled
+variance gives a t quantile with usable degrees of freedom (20 arms × 2 seeds: df = 20, t = 2.09, instead of
+Welch's df ≈ 1–2 per comparison); taking the larger of own and pooled keeps an arm that is less stable than the
+rest (e.g. a high learning rate) from being judged by the others' stability. Counting the seed term's degrees of
+freedom for the whole sum (rather than a Welch–Satterthwaite mix with the image term) is deliberately
+conservative: Satterthwaite is liberal at such small df.
 
-Why not a hierarchical bootstrap (seeds with replacement, then images): with 2 seeds, resampling seeds gives a
-three-point distribution with half the unbiased variance and no allowance for a variance estimated from one
-degree of freedom. Measured on the null simulation of tests/test_effects.py (2 seeds per arm, seed-level
-noise about as large as image noise, nominal 5%): image-only bootstrap 27% false calls, hierarchical bootstrap
-13%, this interval 2.5%.
+Measured false-call rates on the null simulation of dashboards/simulate.py (two identical arms, seed-level noise
+about twice the image noise of the mean AUC, 2000 images, nominal 5%, all findings and both metrics; mean AUC
+alone in brackets):
+  2 seeds per arm (150–200 pairs): image-only bootstrap 34% (69%); hierarchical bootstrap (seeds with
+  replacement, then images) 10% (30%); Welch–Satterthwaite 5.5% (7.3%); pooled-variance Satterthwaite 6.6%
+  (8.7%); this interval 0.5% (2.0%).
+  3 seeds per arm: this interval 1.6% (4.7%) over 150 pairs; Welch–Satterthwaite 4.7% (8%) over 100.
+  6 arms × 2 seeds, 5 twins vs one baseline (150 sweeps, 750 comparisons): this interval 1.7% (4.3%).
+  Without seed-level noise (image noise only), 2 seeds: this interval 0% -- see the next paragraph.
+With 2 seeds the hierarchical bootstrap fails because resampling two seeds gives a three-point distribution
+with half the unbiased variance and no allowance for a variance estimated from one degree of freedom.
 
 **Conservative by design.** A per-seed metric on a finite validation set also holds image noise specific to
 that model, which both V_img and V_seed count; when there are no seed-level effects at all the interval is at
-most √2 too wide, and the false-call rate falls below nominal. That is the price of never exceeding the nominal
-rate with 2–3 seeds.
+most √2 too wide (× t_df / z), and the false-call rate falls below nominal. That is the price of never exceeding
+the nominal rate with 2–3 seeds; more arms (a larger pooled df) and more seeds buy the power back.
 
 Limits, stated in the report:
 - One seed in an arm: its seed variance cannot be estimated. If other arms have several seeds, their pooled
-  within-arm variance stands in (assuming arms vary alike); otherwise the interval holds image noise only.
-  Either way the row is marked provisional.
-- Seed variance is per arm (Welch), not pooled, so a less stable arm (e.g. a high learning rate) is not judged
-  by the baseline's stability.
+  within-arm variance stands in (assuming arms vary alike); otherwise the interval holds image noise only and
+  is too narrow. Either way the row is marked provisional.
+- Pooling assumes arms differ in seed variance by no more than "own vs pooled, whichever is larger" allows: an
+  unstable arm with 2 seeds can still, by chance, look stable.
 - Each interval has a per-comparison error rate: over many arms × findings × metrics about 5% of truly null
   comparisons are flagged (fewer, given the conservatism); the report states how many to expect.
 - F1 uses each trial's own thresholds, chosen on these same validation labels: optimistic for both arms alike,
@@ -66,7 +75,6 @@ from scipy import stats
 
 from trainable.errors import DataError
 from trainable.findings import FINDINGS
-from trainable.metrics import per_class_auc, per_class_f1
 
 METRICS = ("auc", "f1")
 MEAN = "mean"
@@ -93,7 +101,8 @@ class TrialPredictions:
 def _check_trial(trial: TrialPredictions, n_findings: int) -> None:
     labels, probs, thresholds = map(np.asarray, (trial.labels, trial.probs, trial.thresholds))
     problems = [
-        (labels.ndim == 2 and labels.shape[1] == n_findings, f"labels have shape {labels.shape}, expected (N, {n_findings})"),
+        (labels.ndim == 2 and labels.shape[1] == n_findings,
+         f"labels have shape {labels.shape}, expected (N, {n_findings})"),
         (probs.shape == labels.shape, f"probs have shape {probs.shape}, labels {labels.shape}"),
         (thresholds.shape == (n_findings,), f"thresholds have shape {thresholds.shape}, expected ({n_findings},)"),
         (bool(np.isfinite(probs).all()), "probs contain NaN or infinite values"),
@@ -126,12 +135,12 @@ def _in_reference_order(trial: TrialPredictions, reference: TrialPredictions) ->
     if trial.images is not None and reference.images is not None:
         names, wanted = np.asarray(trial.images).astype(str), np.asarray(reference.images).astype(str)
         if not np.array_equal(names, wanted):
-            position = {name: row for row, name in enumerate(names)}
-            missing = [name for name in wanted if name not in position]
-            if missing or len(position) != len(names):
-                raise DataError(f"{trial.name}: validation images differ from {reference.name}'s (e.g. "
-                                f"{(missing or ['a duplicate name'])[0]}); arms must share one validation split")
-            order = np.array([position[name] for name in wanted])
+            index = pd.Index(names)
+            order = index.get_indexer(wanted) if index.is_unique else np.full(len(wanted), -1)
+            if (order < 0).any():
+                example = wanted[order < 0][0] if index.is_unique else "a repeated image name"
+                raise DataError(f"{trial.name}: validation images differ from {reference.name}'s (e.g. {example}); "
+                                f"arms must share one validation split")
             trial = TrialPredictions(np.asarray(trial.labels)[order], np.asarray(trial.probs)[order],
                                      trial.thresholds, wanted, trial.name)
     if not np.array_equal(np.asarray(trial.labels) > 0.5, np.asarray(reference.labels) > 0.5):
@@ -217,7 +226,7 @@ def _f1_matrix(trials: Sequence[TrialPredictions], positive: np.ndarray) -> sp.c
         predicted = np.asarray(trial.probs) >= np.asarray(trial.thresholds)[None, :]
         blocks += [(predicted & positive).T, (predicted & ~positive).T]
     blocks.append(positive.T)
-    return sp.csr_matrix(np.concatenate(blocks).astype(np.float32))
+    return sp.csr_matrix(np.concatenate(blocks), dtype=np.float32)
 
 
 def resampled_metrics(trials: Sequence[TrialPredictions], counts: np.ndarray,
@@ -225,9 +234,10 @@ def resampled_metrics(trials: Sequence[TrialPredictions], counts: np.ndarray,
     """Per-class AUC and F1 of every trial in every replicate: {"auc": (T, B, K), "f1": (T, B, K)}.
 
     A replicate is a column of `counts` (how often each image is drawn); all trials see the same replicates.
+    Both are NaN where a replicate holds no positives of a finding (AUC also where it holds no negatives).
     """
     positive = np.asarray(trials[0].labels) > 0.5
-    n_trials, (n_images, n_findings), n_boot = len(trials), positive.shape, counts.shape[1]
+    n_trials, n_findings, n_boot = len(trials), positive.shape[1], counts.shape[1]
     bins = [[_AucBins.build(np.asarray(t.probs)[:, k], positive[:, k]) for k in range(n_findings)] for t in trials]
     f1_rows = _f1_matrix(trials, positive)
     auc = np.empty((n_trials, n_boot, n_findings))
@@ -243,6 +253,7 @@ def resampled_metrics(trials: Sequence[TrialPredictions], counts: np.ndarray,
         denominator = true_pos + false_pos + n_pos       # = 2TP + FP + FN
         with np.errstate(invalid="ignore", divide="ignore"):
             score = np.where(denominator > 0, 2 * true_pos / denominator, 0.0)   # zero_division=0, as sklearn
+        score[:, n_pos[0] == 0] = np.nan      # no positives drawn: F1 says nothing, like AUC
         f1[:, start:start + chunk] = score.transpose(0, 2, 1)
     return {"auc": auc, "f1": f1}
 
@@ -250,7 +261,7 @@ def resampled_metrics(trials: Sequence[TrialPredictions], counts: np.ndarray,
 # --- intervals and verdicts ---------------------------------------------------------------------------------
 
 def _with_mean(values: np.ndarray) -> np.ndarray:
-    """Append the NaN-mean over findings (last axis) as an extra first column, like epoch_metrics' means."""
+    """Prepend the NaN-mean over findings (last axis) as column 0, as epoch_metrics computes its means."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(values, axis=-1, keepdims=True)
@@ -264,27 +275,23 @@ def _seed_variance(per_seed: np.ndarray) -> np.ndarray:
     return np.var(per_seed, axis=0, ddof=1)
 
 
-def combined_interval(delta: np.ndarray, boot_deltas: np.ndarray, seed_terms: Sequence[tuple[np.ndarray, float]],
-                      confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(low, high, df) per column: the paired percentile interval of boot_deltas (B, F) around delta (F,),
-    widened for the between-seed terms, each (variance of the seed mean, degrees of freedom)."""
-    tail = 100 * (1 - confidence) / 2
+def combined_interval(delta: np.ndarray, boot_deltas: np.ndarray, seed_variance: np.ndarray, seed_df: float,
+                      confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) per column: the paired percentile interval of boot_deltas (B, F) around delta (F,), widened
+    by the between-seed variance of Δ (F,) whose estimate has seed_df degrees of freedom (inf: none to add)."""
+    tail = (1 - confidence) / 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        q_low, q_high = np.nanpercentile(boot_deltas, [tail, 100 - tail], axis=0)
+        q_low, q_high = np.nanpercentile(boot_deltas, [100 * tail, 100 * (1 - tail)], axis=0)
         v_img = np.nanvar(boot_deltas, axis=0, ddof=1)
-    v_seed = sum((np.nan_to_num(v) for v, _ in seed_terms), np.zeros_like(delta))
-    df_denominator = sum((np.nan_to_num(v) ** 2 / df for v, df in seed_terms if df > 0), np.zeros_like(delta))
-    v_total = v_img + v_seed
+    v_total = v_img + seed_variance
+    quantile = stats.t.ppf(1 - tail, seed_df) if np.isfinite(seed_df) else stats.norm.ppf(1 - tail)
     with np.errstate(invalid="ignore", divide="ignore"):
-        df = np.where(df_denominator > 0, v_total ** 2 / df_denominator, np.inf)
-        z = stats.norm.ppf(1 - tail / 100)
-        t = stats.t.ppf(1 - tail / 100, df)
-        widen = t * np.sqrt(v_total) / (z * np.sqrt(v_img))
-        symmetric = t * np.sqrt(v_total)
-        low = np.where(v_img > 0, delta - widen * (delta - q_low), delta - symmetric)
-        high = np.where(v_img > 0, delta + widen * (q_high - delta), delta + symmetric)
-    return low, high, df
+        widen = quantile * np.sqrt(v_total) / (stats.norm.ppf(1 - tail) * np.sqrt(v_img))
+        # clipped so the interval always holds Δ, even where a skewed bootstrap puts Δ outside its percentiles
+        low = np.where(v_img > 0, delta - widen * np.maximum(delta - q_low, 0), delta - quantile * np.sqrt(v_total))
+        high = np.where(v_img > 0, delta + widen * np.maximum(q_high - delta, 0), delta + quantile * np.sqrt(v_total))
+    return low, high
 
 
 def verdict(low: float, high: float) -> str:
@@ -321,53 +328,48 @@ def estimate_effects(arms: Mapping[str, Sequence[TrialPredictions]], baseline: s
     elif len(groups) != len(labels):
         raise DataError(f"{len(groups)} group ids for {len(labels)} validation images")
 
-    counts = bootstrap_counts(groups, n_boot, seed)
-    resampled = resampled_metrics(trials, counts)
-    point = {"auc": np.stack([per_class_auc(t.labels, t.probs) for t in trials]),
-             "f1": np.stack([per_class_f1(t.labels, t.probs, t.thresholds) for t in trials])}
+    # column 0 draws every image once: the point estimates, through the same code as the replicates (and equal
+    # to trainable.metrics.per_class_auc / per_class_f1, which sklearn's per-call checks make slow here)
+    counts = np.column_stack([np.ones(len(labels), np.uint16), bootstrap_counts(groups, n_boot, seed)])
+    computed = resampled_metrics(trials, counts)
+    point = {metric: values[:, 0] for metric, values in computed.items()}          # (T, K)
+    resampled = {metric: values[:, 1:] for metric, values in computed.items()}     # (T, B, K)
     names = (MEAN, *findings)
     n_positive = np.concatenate([[labels.any(axis=1).sum()], labels.sum(axis=0)])
+    n_groups = len(np.unique(groups))
 
     rows = []
     for metric in METRICS:
         per_seed = {arm: _with_mean(point[metric][arm_of == arm]) for arm in arms}        # (k, F)
         boot_mean = {arm: _with_mean(resampled[metric][arm_of == arm]).mean(axis=0) for arm in arms}   # (B, F)
-        variances = {arm: _seed_variance(values) for arm, values in per_seed.items()}
-        pooled = _pooled_variance(per_seed, variances)
+        own = {arm: _seed_variance(values) for arm, values in per_seed.items()}
+        pooled, seed_df = _pooled_variance(per_seed, own)
         for arm in arms:
             if arm == baseline:
                 continue
-            terms = [_seed_term(per_seed[a], variances[a], pooled) for a in (arm, baseline)]
+            # each arm's seed variance: its own or the pooled one, whichever is larger (pooled alone for one seed)
+            seed_variance = sum(np.fmax(own[a], pooled) / len(per_seed[a]) for a in (arm, baseline))
             delta = per_seed[arm].mean(axis=0) - per_seed[baseline].mean(axis=0)
-            low, high, df = combined_interval(delta, boot_mean[arm] - boot_mean[baseline], terms, confidence)
+            low, high = combined_interval(delta, boot_mean[arm] - boot_mean[baseline], seed_variance, seed_df,
+                                          confidence)
             provisional = min(len(per_seed[arm]), len(per_seed[baseline])) < 2
             for f, finding in enumerate(names):
                 rows.append((arm, finding, metric, per_seed[arm][:, f].mean(), per_seed[baseline][:, f].mean(),
-                             delta[f], low[f], high[f], np.sqrt(variances[arm][f]), np.sqrt(variances[baseline][f]),
-                             len(per_seed[arm]), len(per_seed[baseline]), len(labels), len(np.unique(groups)),
-                             int(n_positive[f]), df[f], verdict(low[f], high[f]), provisional))
+                             delta[f], low[f], high[f], np.sqrt(own[arm][f]), np.sqrt(own[baseline][f]),
+                             len(per_seed[arm]), len(per_seed[baseline]), len(labels), n_groups,
+                             int(n_positive[f]), seed_df, verdict(low[f], high[f]), provisional))
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
 def _pooled_variance(per_seed: Mapping[str, np.ndarray],
-                     variances: Mapping[str, np.ndarray]) -> tuple[np.ndarray, float] | None:
-    """Within-arm seed variance pooled over arms with several seeds, and its degrees of freedom."""
+                     own: Mapping[str, np.ndarray]) -> tuple[np.ndarray, float]:
+    """Within-arm seed variance pooled over the arms with several seeds, and its degrees of freedom
+    (zeros and inf when no arm has two seeds: nothing to add, nothing estimated)."""
     usable = [arm for arm, values in per_seed.items() if len(values) > 1]
     if not usable:
-        return None
+        return np.zeros(next(iter(per_seed.values())).shape[1]), np.inf
     df = sum(len(per_seed[arm]) - 1 for arm in usable)
-    return sum((len(per_seed[arm]) - 1) * variances[arm] for arm in usable) / df, float(df)
-
-
-def _seed_term(per_seed: np.ndarray, variance: np.ndarray,
-               pooled: tuple[np.ndarray, float] | None) -> tuple[np.ndarray, float]:
-    """(variance of this arm's seed mean, its degrees of freedom); the pooled variance stands in for one seed."""
-    k = len(per_seed)
-    if k > 1:
-        return variance / k, float(k - 1)
-    if pooled is not None:
-        return pooled[0], pooled[1]
-    return np.zeros(per_seed.shape[1]), 0.0
+    return sum((len(per_seed[arm]) - 1) * own[arm] for arm in usable) / df, float(df)
 
 
 def expected_false_calls(effects: pd.DataFrame, confidence: float = 0.95) -> float:

@@ -1,0 +1,189 @@
+"""Read a sweep back from MLflow: its parent run, its trials (child runs) and their saved validation predictions.
+
+The layout is the one sweeps/ writes (sweeps/tracking.py, sweeps/mlflow_logger.py): experiment = sweep name, one
+parent run (tag `kind` = ablation | search, params = the sweep's CLI arguments), one child run per trial (tag
+`mlflow.parentRunId`; tags `arm`, `factor`, `seed`, `pruned`; params = the flat TrialConfig; the final epoch's
+`val_predictions.npz` and `thresholds.json` as artifacts at the run's artifact root).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from trainable.errors import DataError, UserError
+
+from .effects import TrialPredictions
+
+# The file names trainable.train writes into every checkpoint (PREDICTIONS_FILE, THRESHOLDS_FILE); not imported
+# from there because that module pulls in torch and timm (tests check the names agree).
+PREDICTIONS_FILE = "val_predictions.npz"
+THRESHOLDS_FILE = "thresholds.json"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+DEFAULT_STORE = Path("runs") / "mlflow.db"     # where the sweeps put the embedded store with their default --out
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+FINISHED = "FINISHED"
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    """One trial's child run: its name, status, tags, params (the flat TrialConfig) and final metric values."""
+    run_id: str
+    name: str
+    status: str
+    tags: Mapping[str, str]
+    params: Mapping[str, str]
+    metrics: Mapping[str, float]
+    start_time: int = 0
+
+    @property
+    def arm(self) -> str | None:
+        return self.tags.get("arm")
+
+    @property
+    def seed(self) -> int:
+        return int(self.tags.get("seed", self.params.get("seed", 0)))
+
+    @property
+    def pruned(self) -> bool:
+        return self.tags.get("pruned", "").lower() == "true"
+
+    @property
+    def full_budget(self) -> bool:
+        """Ran to its end: finished, and not stopped early by the scheduler."""
+        return self.status == FINISHED and not self.pruned
+
+
+@dataclass
+class Sweep:
+    tracking_uri: str
+    experiment_name: str
+    parent_run_id: str
+    parent_tags: Mapping[str, str]
+    parent_params: Mapping[str, str]
+    trials: list[TrialRun]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.parent_tags.get("kind", "ablation")
+
+    @property
+    def name(self) -> str:
+        return self.parent_tags.get("mlflow.runName", self.experiment_name)
+
+
+def default_tracking_uri(cli_uri: str | None) -> str:
+    """--mlflow-uri, else MLFLOW_TRACKING_URI, else the SQLite store the sweeps write by default."""
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if not DEFAULT_STORE.is_file():
+        raise UserError(f"no MLflow store at {DEFAULT_STORE} (the sweeps' default); pass --mlflow-uri")
+    return f"sqlite:///{DEFAULT_STORE.resolve().as_posix()}"
+
+
+def connect(uri: str):
+    """An MlflowClient for the store; a missing SQLite file is an error here, not a new empty store."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"--mlflow-uri {uri}: no such SQLite file")
+    from sweeps.tracking import connect as connect_and_check   # the sweeps' own probe, with its one-line error
+    return connect_and_check(uri)
+
+
+def open_sweep(client, sweep: str, tracking_uri: str = "") -> Sweep:
+    """The sweep named by a parent run id or an experiment name (its latest parent run)."""
+    parent, notes = _parent_run(client, sweep)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    children = client.search_runs([experiment.experiment_id], max_results=50000,
+                                  filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'")
+    trials = [TrialRun(run_id=run.info.run_id, name=run.data.tags.get("mlflow.runName", run.info.run_id),
+                       status=run.info.status, tags=dict(run.data.tags), params=dict(run.data.params),
+                       metrics=dict(run.data.metrics), start_time=run.info.start_time or 0)
+              for run in children]
+    return Sweep(tracking_uri=tracking_uri,
+                 experiment_name=experiment.name, parent_run_id=parent.info.run_id,
+                 parent_tags=dict(parent.data.tags), parent_params=dict(parent.data.params),
+                 trials=sorted(trials, key=lambda t: t.name), notes=notes)
+
+
+def _parent_run(client, sweep: str) -> tuple[Any, list[str]]:
+    if RUN_ID.match(sweep):
+        try:
+            run = client.get_run(sweep)
+        except Exception:  # noqa: BLE001 - stores raise their own exception types for a missing run
+            run = None
+        if run is not None:
+            if PARENT_RUN_TAG in run.data.tags:
+                raise UserError(f"--sweep {sweep}: that is a trial's run; pass its sweep's parent run "
+                                f"{run.data.tags[PARENT_RUN_TAG]} (or the experiment name)")
+            return run, []
+    experiment = client.get_experiment_by_name(sweep)
+    if experiment is None:
+        known = [e.name for e in client.search_experiments(max_results=50)]
+        raise UserError(f"--sweep {sweep!r}: no parent run id or experiment of that name in the MLflow store "
+                        f"(experiments: {', '.join(known) or 'none'})")
+    runs = client.search_runs([experiment.experiment_id], max_results=50000, order_by=["attributes.start_time DESC"])
+    parents = [run for run in runs if PARENT_RUN_TAG not in run.data.tags]
+    if not parents:
+        raise UserError(f"--sweep {sweep!r}: experiment has no parent run (not written by sweeps/?)")
+    notes = [f"experiment {sweep} holds {len(parents)} sweeps (parent runs); the latest, {parents[0].info.run_id}, "
+             f"is reported; pass another parent run id to --sweep to choose"] if len(parents) > 1 else []
+    return parents[0], notes
+
+
+def load_trial_predictions(client, trial: TrialRun, folder: str | Path) -> TrialPredictions:
+    """The trial's final validation predictions and thresholds, downloaded from its artifacts into `folder`."""
+    target = Path(folder) / trial.run_id
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        npz = client.download_artifacts(trial.run_id, PREDICTIONS_FILE, str(target))
+        thresholds_path = client.download_artifacts(trial.run_id, THRESHOLDS_FILE, str(target))
+    except Exception as err:  # noqa: BLE001 - missing artifacts surface as store-specific exceptions
+        raise DataError(f"trial {trial.name} (run {trial.run_id}): no {PREDICTIONS_FILE} / {THRESHOLDS_FILE} "
+                        f"artifacts ({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})") from None
+    try:
+        with np.load(npz, allow_pickle=False) as saved:
+            findings = [str(name) for name in saved["findings"]]
+            labels, probs, images = saved["labels"], saved["probs"], saved["images"].astype(str)
+        by_finding = json.loads(Path(thresholds_path).read_text())
+        thresholds = np.array([float(by_finding[name]) for name in findings])
+    except (KeyError, ValueError, OSError) as err:
+        raise DataError(f"trial {trial.name} (run {trial.run_id}): unreadable {PREDICTIONS_FILE} or "
+                        f"{THRESHOLDS_FILE} ({err})") from None
+    return TrialPredictions(labels=labels, probs=probs, thresholds=thresholds, images=images, name=trial.name)
+
+
+def ablation_trials(sweep: Sweep) -> dict[str, list[TrialRun]]:
+    """{arm: its full-budget trials, one per seed}; what is left out (failed, interrupted, repeats) goes to notes."""
+    arms: dict[str, dict[int, TrialRun]] = {}
+    for trial in sorted(sweep.trials, key=lambda t: t.start_time):
+        if trial.arm is None:
+            sweep.notes.append(f"{trial.name}: no `arm` tag, left out")
+        elif not trial.full_budget:
+            reason = "pruned" if trial.pruned else trial.tags.get("error", trial.status.lower())
+            sweep.notes.append(f"{trial.name}: did not finish ({reason}), left out")
+        else:
+            if trial.seed in arms.setdefault(trial.arm, {}):
+                sweep.notes.append(f"{trial.name}: two finished runs for arm {trial.arm} seed {trial.seed}; "
+                                   f"the later one ({trial.run_id}) is used")
+            arms[trial.arm][trial.seed] = trial
+    return {arm: [by_seed[s] for s in sorted(by_seed)] for arm, by_seed in arms.items()}
+
+
+def load_arm_predictions(client, arms: Mapping[str, list[TrialRun]], folder: str | Path | None = None
+                         ) -> dict[str, list[TrialPredictions]]:
+    with tempfile.TemporaryDirectory(prefix="ablation-report-") as scratch:
+        where = folder or scratch
+        return {arm: [load_trial_predictions(client, trial, where) for trial in trials] for arm, trials in arms.items()}
+
+
+def parent_param(sweep: Sweep, key: str, default: Any = None) -> Any:
+    value = sweep.parent_params.get(key)
+    return default if value in (None, "None", "") else value

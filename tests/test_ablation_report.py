@@ -1,0 +1,189 @@
+"""ablation_report end to end against a real SQLite MLflow store laid out as sweeps/ writes it: files written and
+logged on the parent run, verdicts right on planted effects; a search sweep's importance and re-run command."""
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from dashboards import ablation_report
+from dashboards.effects import HELPS, HURTS, MEAN, NO_EFFECT
+from dashboards.simulate import simulate_sweep
+from dashboards.sweep_reader import PREDICTIONS_FILE, THRESHOLDS_FILE
+from search_spaces import OPTUNA_SPACE_FILE, load_arms, load_optuna_space
+from sweeps.tracking import PARENT_RUN_TAG, SweepRun
+from trainable.config import TrialConfig
+from trainable.findings import FINDINGS
+
+REPO = Path(__file__).resolve().parents[1]
+ARMS = {"baseline": "baseline", "effusion_up": "loss", "cardiomegaly_down": "optimizer", "twin": "augmentation"}
+
+
+def flat_config(**overrides) -> dict:
+    """The flat TrialConfig as a child run's params, without building one (that would import torch and timm)."""
+    return {**{f.name: f.default for f in dataclasses.fields(TrialConfig)}, **overrides}
+
+
+def child_run(client, sweep: SweepRun, name: str, tags: dict, config: dict, metrics: dict, *,
+              status: str = "FINISHED", files: dict | None = None) -> str:
+    """A trial's child run as sweeps/mlflow_logger.py writes it."""
+    run_id = client.create_run(sweep.experiment_id, run_name=name,
+                               tags={**tags, PARENT_RUN_TAG: sweep.parent_run_id}).info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in config.items()],
+                     metrics=[Metric(k, v, 0, epoch) for epoch in (1, 2) for k, v in metrics.items()])
+    for path in (files or {}).values():
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status=status)
+    return run_id
+
+
+def write_predictions(folder: Path, trial) -> dict:
+    """val_predictions.npz and thresholds.json exactly as trainable.train writes them into a checkpoint."""
+    folder.mkdir(parents=True)
+    np.savez_compressed(folder / PREDICTIONS_FILE, images=trial.images, labels=trial.labels, probs=trial.probs,
+                        findings=np.array(FINDINGS))
+    (folder / THRESHOLDS_FILE).write_text(json.dumps(dict(zip(FINDINGS, map(float, trial.thresholds)))))
+    return {"npz": folder / PREDICTIONS_FILE, "thresholds": folder / THRESHOLDS_FILE}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{(root / 'mlflow.db').as_posix()}"
+    client = MlflowClient(uri)
+    artifacts = (root / "mlartifacts").as_uri()
+
+    # an ablation: Effusion helped, Cardiomegaly hurt, one arm identical to the baseline; one trial failed
+    signals = {arm: np.ones(len(FINDINGS)) for arm in ARMS}
+    signals["effusion_up"][FINDINGS.index("Effusion")] += 1.5
+    signals["cardiomegaly_down"][FINDINGS.index("Cardiomegaly")] -= 1.5
+    simulated = simulate_sweep(signals, n_seeds=2, n_images=1500, prevalence_floor=0.05, seed=21)
+    ablation = SweepRun.start(client, "ablation-test", artifact_root=artifacts, params={"epochs": 2, "seeds": 2},
+                              tags={"kind": "ablation", "data": "SYNTHETIC", "data_fingerprint": "f00"})
+    for arm, trials in simulated.items():
+        for seed, trial in enumerate(trials):
+            files = write_predictions(root / f"{arm}-s{seed}", trial)
+            child_run(client, ablation, f"{arm}-s{seed}",
+                      {"kind": "ablation", "trial_id": f"{arm}{seed}", "seed": str(seed), "arm": arm,
+                       "factor": ARMS[arm]}, flat_config(seed=seed, epochs=2), {"val_auc_mean": 0.8}, files=files)
+    child_run(client, ablation, "broken-s0", {"kind": "ablation", "trial_id": "b0", "seed": "0", "arm": "broken",
+                                              "factor": "loss"}, flat_config(epochs=2), {}, status="FAILED")
+
+    # a search: lr near 3e-4 and focal loss are better; some trials pruned by ASHA, one failed
+    search = SweepRun.start(client, "search-test", artifact_root=artifacts,
+                            params={"epochs": 3, "space_file": str(OPTUNA_SPACE_FILE), "set": "['image_size=64']"},
+                            tags={"kind": "search", "data": "SYNTHETIC"})
+    space = load_optuna_space(OPTUNA_SPACE_FILE)
+    rng = np.random.default_rng(3)
+    for index in range(40):
+        chosen = {}
+        for param in space.params:
+            if not param.applies(chosen):
+                continue
+            if param.choices is not None:
+                chosen[param.name] = param.choices[rng.integers(len(param.choices))]
+            elif param.log:
+                chosen[param.name] = float(np.exp(rng.uniform(np.log(param.low), np.log(param.high))))
+            else:
+                chosen[param.name] = type(param.low)(rng.uniform(param.low, param.high))
+        value = (0.75 + 0.05 * (chosen["loss"] == "focal") - 0.03 * abs(np.log10(chosen["lr"] / 3e-4))
+                 + rng.normal(0, 0.003))
+        metrics = {"val_auc_mean": value, **{f"val_auc_{f}": value + rng.normal(0, 0.01) for f in FINDINGS}}
+        pruned, failed = index % 5 == 4, index == 7
+        child_run(client, search, f"trial-{index:05d}", {"kind": "search", "trial_id": f"s{index}", "seed": "0",
+                                                          **({"pruned": "true"} if pruned else {})},
+                  flat_config(image_size=64, epochs=3, **chosen), metrics,
+                  status="FAILED" if failed else "KILLED" if pruned else "FINISHED")
+    return {"uri": uri, "client": client, "ablation": ablation, "search": search, "root": root}
+
+
+def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = ablation_report.main(["--sweep", "ablation-test", "--mlflow-uri", store["uri"], "--out", str(out),
+                               "--n-boot", "200"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    expected = {"effects.csv", "forest_mean_auc.png", "heatmap_auc.png", "heatmap_f1.png", "ablation_report.html"}
+    assert expected <= {p.name for p in out.iterdir()}
+    logged = store["client"].list_artifacts(store["ablation"].parent_run_id, "ablation_report")
+    assert expected <= {Path(a.path).name for a in logged}
+
+    effects = pd.read_csv(out / "effects.csv").set_index(["arm", "finding", "metric"])
+    assert effects.loc[("effusion_up", "Effusion", "auc"), "verdict"] == HELPS
+    assert effects.loc[("cardiomegaly_down", "Cardiomegaly", "auc"), "verdict"] == HURTS
+    assert effects.loc[("twin", MEAN, "auc"), "verdict"] == NO_EFFECT
+    assert effects.loc[("effusion_up", MEAN, "auc"), "factor"] == "loss"
+    assert set(effects.index.get_level_values("arm")) == {"effusion_up", "cardiomegaly_down", "twin"}
+    assert (effects["n_seeds"] == 2).all() and (effects["n_images"] == 1500).all()
+
+    page = (out / "ablation_report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3 and "http" not in page.split("<body>")[1]
+    assert "broken-s0: did not finish" in page and "broken-s0: did not finish" in printed
+    assert "effusion_up" in printed and "Effusion AUC" in printed
+
+
+def test_sweep_found_by_parent_run_id_and_bad_input_is_one_line(store, tmp_path, capsys):
+    from dashboards.sweep_reader import connect, open_sweep
+    parent = store["ablation"].parent_run_id
+    sweep = open_sweep(connect(store["uri"]), parent)
+    assert sweep.kind == "ablation" and sweep.experiment_name == "ablation-test" and len(sweep.trials) == 9
+
+    child = next(t.run_id for t in sweep.trials if t.name == "twin-s0")
+    for args, message in ((["--sweep", "no-such-sweep"], "no parent run id or experiment of that name"),
+                          (["--sweep", child], "that is a trial's run"),
+                          (["--sweep", "x", "--mlflow-uri", f"sqlite:///{(tmp_path / 'none.db').as_posix()}"],
+                           "no such SQLite file"),
+                          (["--sweep", "ablation-test", "--baseline", "control"], "baseline arm 'control'")):
+        uri = [] if "--mlflow-uri" in args else ["--mlflow-uri", store["uri"]]
+        assert ablation_report.main([*args, *uri, "--out", str(tmp_path / "x"), "--no-log"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert message in error and "\n" not in error
+
+
+def test_search_report_importance_direction_and_rerun_command(store, tmp_path, capsys):
+    out = tmp_path / "search"
+    assert ablation_report.main(["--sweep", "search-test", "--mlflow-uri", store["uri"], "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "31 ran the full budget, 8 stopped early by ASHA" in printed
+    assert "converges fast" in printed
+    command = next(line.strip() for line in printed.splitlines() if "sweeps/run_ablation.py" in line)
+    assert "--arms baseline,search_top1,search_top2,search_top3 --seeds 3 --epochs 3" in command
+    assert "--demo" in command and "--set image_size=64" in command
+
+    importance = pd.read_csv(out / "importance.csv")
+    mean = importance[importance["target"] == MEAN].set_index("param")
+    assert mean["importance"].sum() == pytest.approx(1.0) and "focal_gamma" in mean.index   # conditional: kept
+    assert mean.loc["lr", "importance"] > mean["importance"].median()
+    assert mean["above_noise"].notna().all() and not mean["above_noise"].all()
+    assert {MEAN, "Hernia"} <= set(importance["target"])
+    lr = pd.read_csv(out / "factor_directions.csv").query("param == 'lr'")
+    assert list(lr["group"].str.split().str[0]) == ["low", "mid", "high"]
+    assert lr["mean_val_auc"].idxmax() == lr.index[1]        # the middle tertile holds lr = 3e-4
+    directions = pd.read_csv(out / "factor_directions.csv")
+    focal = directions[(directions["param"] == "loss") & (directions["group"] == "focal")]
+    assert focal["vs_all_trials"].item() > 0
+    assert "(not used)" in set(directions.loc[directions["param"] == "focal_gamma", "group"])
+
+    arms = load_arms(extra=out / "rerun_top_configs.yaml")      # the arms file is valid for run_ablation.py
+    assert {"search_top1", "search_top2", "search_top3"} <= set(arms)
+    assert "image_size" not in arms["search_top1"].overrides and "seed" not in arms["search_top1"].overrides
+    logged = store["client"].list_artifacts(store["search"].parent_run_id, "search_report")
+    assert {"search_report.html", "importance.csv", "rerun_top_configs.yaml"} <= {Path(a.path).name for a in logged}
+
+
+def test_runs_as_a_script_from_the_repo_root():
+    done = subprocess.run([sys.executable, "dashboards/ablation_report.py", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "--sweep" in done.stdout and "--mlflow-uri" in done.stdout
+
+
+def test_artifact_names_match_what_trials_write():
+    from trainable import train
+    assert (PREDICTIONS_FILE, THRESHOLDS_FILE) == (train.PREDICTIONS_FILE, train.THRESHOLDS_FILE)
