@@ -42,6 +42,18 @@ def load_presets(path: str | Path = HERE / "presets.yaml") -> dict[str, "TrialCo
             for name, values in raw.items()}
 
 
+def build_config(values: Mapping[str, Any], source: str) -> "TrialConfig":
+    """TrialConfig.from_dict whose every error names `source` (its range and registry checks say 'config:')."""
+    from trainable.config import TrialConfig
+    try:
+        return TrialConfig.from_dict(values, source=source)
+    except ConfigError as err:
+        message = str(err)
+        if message.startswith(source):
+            raise
+        raise ConfigError(f"{source}: {message.removeprefix('config: ')}") from None
+
+
 # --- ablation arms ------------------------------------------------------------------------------------------
 
 ARMS_FILE = HERE / "arms.yaml"
@@ -58,8 +70,7 @@ class Arm:
     source: str                        # file the arm came from, for messages
 
     def config(self, baseline: Mapping[str, Any]) -> "TrialConfig":
-        from trainable.config import TrialConfig
-        return TrialConfig.from_dict({**baseline, **self.overrides}, source=f"{self.source}: arm {self.name!r}")
+        return build_config({**baseline, **self.overrides}, source=f"{self.source}: arm {self.name!r}")
 
 
 def load_arms(path: str | Path = ARMS_FILE, *, extra: str | Path | None = None) -> dict[str, Arm]:
@@ -169,13 +180,13 @@ def load_optuna_space(path: str | Path = OPTUNA_SPACE_FILE) -> SearchSpace:
 
 def _search_param(name: str, options: Any, base: Mapping[str, Any], earlier: list[SearchParam],
                   where: str) -> SearchParam:
-    from trainable.config import CHOICES, FIELD_TYPES, TrialConfig, coerce
+    from trainable.config import CHOICES, FIELD_TYPES, coerce
     if name not in FIELD_TYPES:
         raise ConfigError(f"{where}: not a config key; valid keys: {', '.join(FIELD_TYPES)}")
     if not isinstance(options, dict) or not set(options) <= PARAM_OPTIONS:
         raise ConfigError(f"{where}: expected a mapping with keys from {', '.join(sorted(PARAM_OPTIONS))}, "
                           f"got {options!r}")
-    check = lambda value: TrialConfig.from_dict({**base, name: value}, source=where)  # noqa: E731
+    check = lambda value: build_config({**base, name: value}, source=where)  # noqa: E731
     when = _conditions(options.get("when") or {}, earlier, where)
     if "choices" in options:
         choices = options["choices"]

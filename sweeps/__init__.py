@@ -1,7 +1,10 @@
 """Sweeps: Ray Tune ablations and Optuna/ASHA searches over the trainable, logged to MLflow by the driver.
 
-run_ablation.py and run_search.py are thin CLIs over runner.py; the pieces it wires together:
-options (shared CLI arguments) · record (sweep folder and sweep.json on the Tune storage) · tracking (MLflow
-URI, parent run) · mlflow_logger (the Tune callback that is the single MLflow writer) · cluster (Ray start and
-resource checks) · ablation / search (what each kind of sweep runs and prints) · demo (the no-argument demo).
+run_ablation.py and run_search.py are thin CLIs over runner.py, which wires together:
+  options        the shared CLI arguments          demo       the no-argument demo's settings and data
+  ablation       arms x seeds grid, per-arm table  search     Optuna TPE + ASHA, pruned trials, best config
+  record         sweep folder and sweep.json       tracking   MLflow store, reachability probe, parent run
+  mlflow_logger  the Tune callback that is the only MLflow writer (one child run per trial)
+  naming         trial names and MLflow tags       cluster    Ray start, resource and shared-storage checks
+  report         results and tables                catalog    `--list`
 """

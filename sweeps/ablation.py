@@ -7,20 +7,19 @@ from typing import Any
 
 from ray import tune
 
-from search_spaces import BASELINE_ARM, Arm, load_arms
-from trainable.config import TrialConfig
+from search_spaces import BASELINE_ARM, Arm, build_config, load_arms
 from trainable.data.nih import PreparedData
 from trainable.errors import ConfigError
 from trainable.tune import ARM_KEY, TrialContext
 
 from .demo import ABLATION_DEMO
 from .naming import TrialDescriber
-from .report import METRIC, MODE, SweepReport, fmt, fmt_mean_sd, format_table, mean_sd, outcomes
+from .report import SweepReport, fmt, fmt_mean_sd, format_table, mean_sd, outcomes
 
 DESCRIPTION = """Ablation: every arm of search_spaces/arms.yaml (or --arms) x --seeds seeds as Ray Tune trials, each
 with the same --epochs budget, logged to MLflow (one parent run, one child run per trial).
 
-    python sweeps/run_ablation.py                          # the demo: generated data, tiny model, ~10 min
+    python sweeps/run_ablation.py                          # the demo: generated data, tiny model, minutes
     python sweeps/run_ablation.py --data /data/nih --address auto --storage /nfs/sweeps --gpus-per-trial 0.5
 """
 
@@ -53,8 +52,8 @@ class Ablation:
         # --set and --epochs go over every arm's own keys: they set the budget and the quick-run size.
         self.overrides = {arm.name: {**arm.overrides, **sweep_overrides} for arm in self.arms}
         for arm in self.arms:
-            TrialConfig.from_dict({**self.baseline, **self.overrides[arm.name]},
-                                  source=f"{arm.source}: arm {arm.name!r} with --set/--epochs")
+            build_config({**self.baseline, **self.overrides[arm.name]},
+                         source=f"{arm.source}: arm {arm.name!r} with --set/--epochs")
         self.notes = [f"note: arm {arm.name!r} only changes {', '.join(sorted(arm.overrides))}, which --set fixes "
                       f"for every arm; it repeats the baseline" for arm in self.arms
                       if arm.name != BASELINE_ARM and arm.overrides and set(arm.overrides) <= set(sweep_overrides)]
@@ -69,7 +68,7 @@ class Ablation:
         return {ARM_KEY: tune.grid_search([arm.name for arm in self.arms]), "seed": tune.grid_search(self.seeds)}
 
     def tune_options(self) -> dict[str, Any]:
-        return {"metric": METRIC, "mode": MODE}
+        return {}   # a grid with no scheduler: no metric to rank by while it runs
 
     def context(self, data: PreparedData, cache_dir: str | None) -> TrialContext:
         return TrialContext(data=data, base_config=self.baseline, arms=self.overrides, cache_dir=cache_dir)

@@ -62,10 +62,11 @@ class MLflowTrialLogger(Callback):
         self.parent_run_id = parent_run_id
         self.describer = describer
         self._client: MlflowClient | None = None
-        self._runs: dict[str, _ChildRun] = {}
+        self._runs: dict[str, _ChildRun] = {}      # open child runs of trials started in this session
+        self._started: set[str] = set()             # every trial started in this session
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "_runs": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_started": set()}
 
     @property
     def client(self) -> MlflowClient:
@@ -75,6 +76,7 @@ class MLflowTrialLogger(Callback):
 
     # --- Tune hooks -----------------------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._started.add(trial.trial_id)
         self._child(trial)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
@@ -91,7 +93,10 @@ class MLflowTrialLogger(Callback):
         child.logged_steps.add(step)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        child = self._runs.pop(trial.trial_id, None) or self._child(trial, keep=False)
+        # Tune also "completes" pending trials it drops; those never ran and get no run.
+        child = self._runs.pop(trial.trial_id, None) or self._child(trial, keep=False, create=False)
+        if child is None:
+            return
         self._log_checkpoint_files(child.run_id, trial)
         if child.pruned_at is not None:
             self.client.set_tag(child.run_id, "pruned", "true")
@@ -109,15 +114,23 @@ class MLflowTrialLogger(Callback):
         self._fail(child.run_id, trial)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        """Leave no child run RUNNING: match each one still open to its trial's final Tune status."""
-        by_id = {trial.trial_id: trial for trial in trials}
+        """Leave no child run RUNNING.
+
+        A run still open here belongs to a trial the sweep was interrupted in (Tune's clean-up stops such
+        trials without on_trial_complete, and reports them TERMINATED). A RUNNING run of a trial not started in
+        this session was left by a driver that died; it gets the final status Tune recorded for its trial.
+        """
+        for child in self._runs.values():
+            self._interrupted(child.run_id)
         self._runs.clear()
+        by_id = {trial.trial_id: trial for trial in trials}
         still_running = self.client.search_runs(
             [self.experiment_id], filter_string=f"attributes.status = '{RUNNING}'", max_results=50000)
         for run in still_running:
-            if run.data.tags.get(PARENT_RUN_TAG) != self.parent_run_id:
+            trial_id = run.data.tags.get("trial_id", "")
+            if run.data.tags.get(PARENT_RUN_TAG) != self.parent_run_id or trial_id in self._started:
                 continue
-            trial = by_id.get(run.data.tags.get("trial_id", ""))
+            trial = by_id.get(trial_id)
             status = trial.status if trial is not None else None
             if status == Trial.TERMINATED:
                 self._log_checkpoint_files(run.info.run_id, trial)
@@ -125,11 +138,10 @@ class MLflowTrialLogger(Callback):
             elif status == Trial.ERROR:
                 self._fail(run.info.run_id, trial)
             else:
-                self.client.set_tag(run.info.run_id, "interrupted", "true")
-                self.client.set_terminated(run.info.run_id, status=KILLED)
+                self._interrupted(run.info.run_id)
 
     # --- helpers ----------------------------------------------------------------------------------------------
-    def _child(self, trial: Trial, *, keep: bool = True) -> _ChildRun:
+    def _child(self, trial: Trial, *, keep: bool = True, create: bool = True) -> _ChildRun | None:
         """The trial's open child run: found by its trial_id tag (retry, resume) or created."""
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
@@ -144,6 +156,8 @@ class MLflowTrialLogger(Callback):
             if "interrupted" in found[0].data.tags:
                 self.client.delete_tag(run_id, "interrupted")
             steps = {metric.step for metric in self.client.get_metric_history(run_id, PROBE_METRIC)}
+        elif not create:
+            return None
         else:
             tags = {**self.describer.tags(trial.config, trial.trial_id), PARENT_RUN_TAG: self.parent_run_id}
             run_id = self.client.create_run(self.experiment_id, run_name=trial_run_name(trial.config, trial.trial_id),
@@ -166,6 +180,10 @@ class MLflowTrialLogger(Callback):
             for name in (PREDICTIONS_FILE, THRESHOLDS_FILE):
                 if (Path(folder) / name).is_file():
                     self.client.log_artifact(run_id, str(Path(folder) / name))
+
+    def _interrupted(self, run_id: str) -> None:
+        self.client.set_tag(run_id, "interrupted", "true")
+        self.client.set_terminated(run_id, status=KILLED)
 
     def _fail(self, run_id: str, trial: Trial) -> None:
         error = trial.get_error() or "unknown error (no error file)"

@@ -14,7 +14,7 @@ RESUMABLE_OPTIONS = ("address", "mlflow_uri", "cache_dir")
 EXECUTION_OPTIONS = (*RESUMABLE_OPTIONS, "out", "storage", "resume", "overwrite", "list", "demo")
 
 
-def positive_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
@@ -62,8 +62,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--address", default=None,
                          help="Ray cluster to join, e.g. auto (default: $RAY_ADDRESS, else a local Ray)")
-    cluster.add_argument("--cpus-per-trial", type=positive_float, default=1.0, help="(default: %(default)s)")
-    cluster.add_argument("--gpus-per-trial", type=positive_float, default=0.0,
+    cluster.add_argument("--cpus-per-trial", type=non_negative_float, default=1.0, help="(default: %(default)s)")
+    cluster.add_argument("--gpus-per-trial", type=non_negative_float, default=0.0,
                          help="fractions share a GPU, e.g. 0.25 runs four small trials per GPU (default: %(default)s)")
     cluster.add_argument("--max-concurrent", type=int, default=0,
                          help="at most this many trials at once (default: 0 = as many as resources allow)")

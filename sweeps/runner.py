@@ -1,7 +1,8 @@
-"""The one runner behind every sweep CLI.
+"""The one runner behind every sweep CLI (run_ablation.py, run_search.py).
 
-Order matters: everything a user can get wrong (arguments, arms file, search space, MLflow URI, data) is checked
-before Ray starts; then the cluster's resources and storage; only then is the parent run created and Tune run.
+Order matters: everything a user can get wrong (arguments, arms file, search space, MLflow store, data) is
+checked before Ray starts; then the cluster's storage and resources; only then are the parent run and Tune
+started. What differs between an ablation and a search is a SweepKind (ablation.Ablation, search.Search).
 """
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import argparse
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import mlflow
 import ray
+from mlflow import MlflowClient
 from ray import tune
 from ray.tune import CLIReporter
 
@@ -31,7 +34,7 @@ from .mlflow_logger import FAILED, FINISHED, KILLED, MLflowTrialLogger
 from .naming import TrialDescriber, tune_trial_dirname, tune_trial_name
 from .options import EXECUTION_OPTIONS, LATEST, apply_defaults, build_parser
 from .record import SweepLocation, SweepRecord, check_name, default_name, latest_sweep, storage_root
-from .report import METRIC, MODE, SweepReport, unfinished_count
+from .report import METRIC, SweepReport, unfinished_trials
 from .tracking import SweepRun, artifact_location, connect, git_commit, mask_secrets, resolve_tracking_uri, ui_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,11 +43,13 @@ PROGRESS_EVERY_S = 30
 
 
 class SweepKind(Protocol):
-    """What differs between an ablation and a search (see ablation.Ablation, search.Search)."""
+    """What differs between an ablation and a search."""
     kind: str
     description: str
     demo_defaults: dict[str, Any]
-    plan_record: dict[str, Any]
+    plan_record: dict[str, Any]            # JSON: recorded in sweep.json, compared on --resume
+    notes: list[str]                       # printed before the sweep starts
+    progress_parameters: list[str]         # config keys shown in the live progress table
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None: ...
@@ -56,6 +61,22 @@ class SweepKind(Protocol):
                ) -> SweepReport: ...
 
 
+@dataclass
+class Sweep:
+    """One sweep being run: its arguments, plan, folder, MLflow store and data."""
+    args: argparse.Namespace
+    plan: SweepKind
+    location: SweepLocation
+    record: SweepRecord | None             # set when resuming
+    uri: str
+    client: MlflowClient
+    data: PreparedData
+
+    @property
+    def resumed(self) -> bool:
+        return self.record is not None
+
+
 def main(kind: type, argv: list[str] | None = None) -> int:
     parser = build_parser(f"python sweeps/run_{kind.kind}.py", kind.description)
     kind.add_arguments(parser)
@@ -64,52 +85,41 @@ def main(kind: type, argv: list[str] | None = None) -> int:
         if args.list:
             print(describe(getattr(args, "arms_file", None), getattr(args, "space_file", None) or OPTUNA_SPACE_FILE))
             return 0
-        return run(kind, args, parser)
+        return run(prepare(kind, args, parser))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
-def run(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+# --- before Ray -----------------------------------------------------------------------------------------------
+
+def prepare(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParser) -> Sweep:
+    """Every check that needs no cluster, then the data split (written into OUT/<name>/)."""
     out = Path(args.out)
-    storage = storage_root(args.storage, out)
-    location, record = _locate(kind.kind, args, parser, storage)
+    location, record = _locate(kind.kind, args, parser, storage_root(args.storage, out))
     if args.demo and args.data is None:
-        args.data = str(demo_data(out).resolve())
+        args.data = str(demo_data(out))
     if args.data is None:
-        raise ConfigError("--data is required: the NIH ChestX-ray14 folder (or run with no arguments for the demo)")
+        raise ConfigError("--data is required: the NIH ChestX-ray14 folder (or --demo, or no arguments at all, "
+                          "for the demo on generated data)")
+    # Trials run in their own folders (and a resumed sweep maybe elsewhere): only absolute paths travel.
+    args.data = str(Path(args.data).expanduser().resolve())
+    args.cache_dir = str(Path(args.cache_dir).expanduser().resolve()) if args.cache_dir else None
     plan: SweepKind = kind(args, _sweep_overrides(args))
     if record is not None and record.plan != plan.plan_record:
         raise ConfigError(f"--resume {location.name}: the arms or search space changed since the sweep started "
                           f"(see plan in {location.path}/sweep.json); resume with the same files")
     uri = resolve_tracking_uri(args.mlflow_uri, out)
     client = connect(uri)
-    local_dir = out / location.name
     if args.overwrite and record is None:
         location.remove()
-        shutil.rmtree(local_dir, ignore_errors=True)
-    data = prepare_dataset(data_spec(args), local_dir)
+        shutil.rmtree(out / location.name, ignore_errors=True)
+    data = prepare_dataset(data_spec(args), out / location.name)
     if record is not None and record.data.get("fingerprint") != data.fingerprint:
         raise ConfigError(f"--resume {location.name}: the data changed since the sweep started (fingerprint "
                           f"{data.fingerprint}, recorded {record.data.get('fingerprint')})")
-    for note in getattr(plan, "notes", []):
-        print(note)
-    label = "SYNTHETIC data (generated, not NIH)" if data.synthetic else "NIH ChestX-ray14"
-    print(f"{kind.kind} {location.name!r}: {label}, fingerprint {data.fingerprint}, split sizes "
-          f"{ {name: size['images'] for name, size in data.split_sizes().items()} } images", flush=True)
+    return Sweep(args=args, plan=plan, location=location, record=record, uri=uri, client=client, data=data)
 
-    start_ray(args.address)
-    try:
-        check_resources(args.cpus_per_trial, args.gpus_per_trial)
-        check_shared_storage(storage, storage_given=args.storage is not None)
-        sweep_run = _parent_run(client, uri, args, location, record, plan, data)
-        mlflow.set_tracking_uri(uri)  # the logger callback reads it; it is never pickled into Tune's state
-        return _fit(plan, args, location, sweep_run, data, uri, resumed=record is not None)
-    finally:
-        ray.shutdown()
-
-
-# --- before Ray -----------------------------------------------------------------------------------------------
 
 def _locate(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParser, storage: str
             ) -> tuple[SweepLocation, SweepRecord | None]:
@@ -127,116 +137,135 @@ def _locate(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParser
     record = location.read()
     if record is None or record.kind != kind:
         raise ConfigError(f"--resume {name}: no {kind} sweep recorded at {location.path}/sweep.json")
+    if not tune.Tuner.can_restore(location.path):
+        raise ConfigError(f"--resume {name}: {location.path} holds no Tune state (the sweep stopped before Tune "
+                          f"started); start it again with --name {name} --overwrite")
     for key, recorded in record.arguments.items():
         current = getattr(args, key, None)
         if current != parser.get_default(key) and current != recorded:
             raise ConfigError(f"--resume {name}: --{key.replace('_', '-')} {current!r} differs from the sweep's "
                               f"{recorded!r}; a resumed sweep keeps its arguments")
         setattr(args, key, recorded)
-    args.name = record.name
     print(f"resuming {kind} {name!r} from {location.path}", flush=True)
     return location, record
 
 
 def _sweep_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--set and --epochs: applied to every trial, over arms and search space."""
     overrides = parse_overrides(args.set)
     if "epochs" in overrides:
         raise ConfigError("--set epochs: the epoch budget of a sweep is --epochs")
     return {**overrides, "epochs": args.epochs}
 
 
-def _sweep_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: value for key, value in vars(args).items() if key not in EXECUTION_OPTIONS}
+# --- on the cluster -----------------------------------------------------------------------------------------------
+
+def run(sweep: Sweep) -> int:
+    for note in sweep.plan.notes:
+        print(note)
+    sizes = {name: size["images"] for name, size in sweep.data.split_sizes().items()}
+    label = "SYNTHETIC data (generated, not NIH)" if sweep.data.synthetic else "NIH ChestX-ray14"
+    print(f"{sweep.plan.kind} {sweep.location.name!r}: {label}, fingerprint {sweep.data.fingerprint}, "
+          f"images per split {sizes}", flush=True)
+    start_ray(sweep.args.address)
+    try:
+        check_shared_storage(sweep.location.storage, storage_given=sweep.args.storage is not None)
+        check_resources(sweep.args.cpus_per_trial, sweep.args.gpus_per_trial)
+        parent = _reopen_parent(sweep) if sweep.resumed else _start_parent(sweep)
+        mlflow.set_tracking_uri(sweep.uri)   # read by the logger callback; never pickled into Tune's state
+        return _fit(sweep, parent)
+    finally:
+        ray.shutdown()
 
 
-# --- the parent run ---------------------------------------------------------------------------------------------
-
-def _parent_run(client, uri: str, args: argparse.Namespace, location: SweepLocation, record: SweepRecord | None,
-                plan: SweepKind, data: PreparedData) -> SweepRun:
-    if record is not None:
-        return SweepRun.reopen(client, location.name, record.mlflow["experiment_id"], record.mlflow["parent_run_id"],
-                               uri)
+def _start_parent(sweep: Sweep) -> SweepRun:
+    """The parent run (arguments, data fingerprint, split sizes, git commit), then sweep.json pointing at it."""
+    args, data, location = sweep.args, sweep.data, sweep.location
     commit = git_commit(REPO_ROOT)
     sizes = {f"split_{name}_{unit}": count for name, size in data.split_sizes().items() for unit, count in size.items()}
-    params = {**{k: v for k, v in vars(args).items() if k not in ("resume", "list")}, **sizes,
-              "data_fingerprint": data.fingerprint,
-              "git_commit": commit, "sweep_path": location.path}
-    tags = {"kind": plan.kind, "data": "SYNTHETIC" if data.synthetic else "NIH", "synthetic_data": data.synthetic,
+    params = {**{k: v for k, v in vars(args).items() if k not in ("resume", "list") and v is not None}, **sizes,
+              "data_fingerprint": data.fingerprint, "git_commit": commit, "sweep_path": location.path}
+    tags = {"kind": sweep.plan.kind, "data": "SYNTHETIC" if data.synthetic else "NIH", "synthetic_data": data.synthetic,
             "data_fingerprint": data.fingerprint, "git_commit": commit, "sweep_path": mask_secrets(location.path),
             "ray_version": ray.__version__}
-    sweep_run = SweepRun.start(client, location.name, artifact_root=artifact_location(uri, Path(args.out)),
-                               params={k: v for k, v in params.items() if v is not None}, tags=tags,
-                               replace=args.overwrite)
+    parent = SweepRun.start(sweep.client, location.name, artifact_root=artifact_location(sweep.uri, Path(args.out)),
+                            params=params, tags=tags, replace=args.overwrite)
     location.write(SweepRecord(
-        kind=plan.kind, name=location.name, arguments=_sweep_arguments(args), plan=plan.plan_record,
-        data={"fingerprint": data.fingerprint, "synthetic": data.synthetic, "sizes": data.split_sizes(),
-              "split_csv": str(data.split_csv)},
-        mlflow={"experiment_id": sweep_run.experiment_id, "parent_run_id": sweep_run.parent_run_id,
-                "tracking_uri": mask_secrets(uri)}))
-    return sweep_run
+        kind=sweep.plan.kind, name=location.name, plan=sweep.plan.plan_record,
+        arguments={key: value for key, value in vars(args).items() if key not in EXECUTION_OPTIONS},
+        data={"fingerprint": data.fingerprint, "synthetic": data.synthetic, "sizes": data.split_sizes()},
+        mlflow={"experiment_id": parent.experiment_id, "parent_run_id": parent.parent_run_id,
+                "tracking_uri": mask_secrets(sweep.uri)}))
+    return parent
 
 
-# --- Tune -----------------------------------------------------------------------------------------------------
+def _reopen_parent(sweep: Sweep) -> SweepRun:
+    return SweepRun.reopen(sweep.client, sweep.location.name, sweep.record.mlflow["experiment_id"],
+                           sweep.record.mlflow["parent_run_id"], sweep.uri)
 
-def _fit(plan: SweepKind, args: argparse.Namespace, location: SweepLocation, sweep_run: SweepRun,
-         data: PreparedData, uri: str, *, resumed: bool) -> int:
-    context = plan.context(data, args.cache_dir)
-    describer = plan.describer(context)
+
+def _tuner(sweep: Sweep, parent: SweepRun, context: TrialContext, describer: TrialDescriber) -> tune.Tuner:
+    args, plan = sweep.args, sweep.plan
+    # tune.with_parameters sends the context (split table included) through the object store once
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    if sweep.resumed:   # Tune's saved state has the rest, the MLflow logger included
+        return tune.Tuner.restore(sweep.location.path, trainable=trainable, resume_errored=True)
+    logger = MLflowTrialLogger(experiment_id=parent.experiment_id, parent_run_id=parent.parent_run_id,
+                               describer=describer)
+    return tune.Tuner(
+        trainable, param_space=plan.param_space(),
+        tune_config=tune.TuneConfig(**plan.tune_options(), max_concurrent_trials=args.max_concurrent or None,
+                                    reuse_actors=True, trial_name_creator=tune_trial_name,
+                                    trial_dirname_creator=tune_trial_dirname),
+        run_config=tune.RunConfig(
+            name=sweep.location.name, storage_path=sweep.location.storage, callbacks=[logger], verbose=1,
+            progress_reporter=CLIReporter(parameter_columns=plan.progress_parameters, metric_columns=PROGRESS_METRICS,
+                                          max_report_frequency=PROGRESS_EVERY_S),
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            # the latest checkpoint is all that retries, resume and the MLflow artifacts need
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+
+def _fit(sweep: Sweep, parent: SweepRun) -> int:
+    context = sweep.plan.context(sweep.data, sweep.args.cache_dir)
+    describer = sweep.plan.describer(context)
     # The new output engine ignores a passed-in progress reporter; the CLIReporter shows arm/seed and AUC/F1.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    # num_to_keep makes Tune snapshot its state at every checkpoint, which resume wants; without this, Tune
-    # warns about those snapshots every few seconds.
+    # num_to_keep makes Tune save its state at every checkpoint, which resume wants; Tune would warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if resumed:
-        if not tune.Tuner.can_restore(location.path):
-            raise ConfigError(f"--resume {location.name}: {location.path} holds no Tune experiment state to resume")
-        tuner = tune.Tuner.restore(location.path, trainable=trainable, resume_errored=True)
-    else:
-        logger = MLflowTrialLogger(experiment_id=sweep_run.experiment_id, parent_run_id=sweep_run.parent_run_id,
-                                   describer=describer)
-        tuner = tune.Tuner(
-            trainable, param_space=plan.param_space(),
-            tune_config=tune.TuneConfig(**plan.tune_options(), max_concurrent_trials=args.max_concurrent or None,
-                                        reuse_actors=True, trial_name_creator=tune_trial_name,
-                                        trial_dirname_creator=tune_trial_dirname),
-            run_config=tune.RunConfig(
-                name=location.name, storage_path=location.storage, callbacks=[logger], verbose=1,
-                progress_reporter=CLIReporter(parameter_columns=getattr(plan, "progress_parameters", None),
-                                              metric_columns=PROGRESS_METRICS,
-                                              max_report_frequency=PROGRESS_EVERY_S),
-                failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                # the latest checkpoint is all that retries, resume and the MLflow artifacts need
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     try:
-        results = tuner.fit()
+        results = _tuner(sweep, parent, context, describer).fit()
     except BaseException as err:
-        sweep_run.set_tags({"error": f"{type(err).__name__}: {err}"[:500]})
-        sweep_run.end(KILLED if isinstance(err, KeyboardInterrupt) else FAILED)
+        parent.set_tags({"error": f"{type(err).__name__}: {err}"[:500]})
+        parent.end(KILLED if isinstance(err, KeyboardInterrupt) else FAILED)
         raise
-    return _finish(plan, args, location, sweep_run, data, uri, results, describer)
-
-
-def _finish(plan: SweepKind, args: argparse.Namespace, location: SweepLocation, sweep_run: SweepRun,
-            data: PreparedData, uri: str, results: tune.ResultGrid, describer: TrialDescriber) -> int:
-    synthetic = " — SYNTHETIC data (generated, not NIH)" if data.synthetic else ""
-    title = f"{plan.kind} {location.name!r}{synthetic} — data {data.fingerprint}"
-    report = plan.report(results, title=title, epochs=args.epochs, describer=describer)
-    print("\n" + report.text, flush=True)
-    for file_name, text in {**report.files, f"{plan.kind}_summary.txt": report.text + "\n"}.items():
-        location.write_text(file_name, text)
-        sweep_run.log_text(text, file_name)
-    sweep_run.set_tags(report.tags)
-    unfinished = unfinished_count(results)
+    unfinished = unfinished_trials(sweep.location.path)
     if unfinished:
-        sweep_run.set_tags({"interrupted": "true"})
-        sweep_run.end(KILLED)
-        print(f"\ninterrupted with {unfinished} trial(s) unfinished; continue with: python sweeps/run_{plan.kind}.py "
-              f"--resume {location.name} --out {args.out}" + (f" --storage {args.storage}" if args.storage else ""))
+        _interrupted(sweep, parent, unfinished)
     else:
-        sweep_run.set_tags({"interrupted": "false"})
-        sweep_run.end(FINISHED)
-    print(f"\nfiles: {location.path}\nMLflow experiment {location.name!r}; browse it with:\n  {ui_command(uri)}",
-          flush=True)
+        _report(sweep, parent, results, describer)
+    print(f"\nfiles: {sweep.location.path}\nMLflow experiment {sweep.location.name!r}; browse it with:\n  "
+          f"{ui_command(sweep.uri)}", flush=True)
     return 1 if unfinished or results.num_errors else 0
+
+
+def _report(sweep: Sweep, parent: SweepRun, results: tune.ResultGrid, describer: TrialDescriber) -> None:
+    synthetic = " — SYNTHETIC data (generated, not NIH)" if sweep.data.synthetic else ""
+    title = f"{sweep.plan.kind} {sweep.location.name!r}{synthetic} — data {sweep.data.fingerprint}"
+    report = sweep.plan.report(results, title=title, epochs=sweep.args.epochs, describer=describer)
+    print("\n" + report.text, flush=True)
+    for file_name, text in {**report.files, f"{sweep.plan.kind}_summary.txt": report.text + "\n"}.items():
+        sweep.location.write_text(file_name, text)
+        parent.log_text(text, file_name)
+    parent.set_tags({**report.tags, "interrupted": "false"})
+    parent.end(FINISHED)
+
+
+def _interrupted(sweep: Sweep, parent: SweepRun, unfinished: list[str]) -> None:
+    # A table over partly trained trials would mislead; the resumed sweep prints the complete one.
+    parent.set_tags({"interrupted": "true"})
+    parent.end(KILLED)
+    where = f" --out {sweep.args.out}" + (f" --storage {sweep.args.storage}" if sweep.args.storage else "")
+    print(f"\ninterrupted with {len(unfinished)} trial(s) unfinished ({', '.join(unfinished)}); continue with:\n"
+          f"  python sweeps/run_{sweep.plan.kind}.py --resume {sweep.location.name}{where}", flush=True)

@@ -13,8 +13,8 @@ from ray.air.constants import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from search_spaces import OPTUNA_SPACE_FILE, SearchParam, SearchSpace, load_optuna_space
-from trainable.config import FIELD_TYPES, TrialConfig
+from search_spaces import OPTUNA_SPACE_FILE, SearchParam, SearchSpace, build_config, load_optuna_space
+from trainable.config import FIELD_TYPES
 from trainable.data.nih import PreparedData
 from trainable.errors import ConfigError
 from trainable.tune import TrialContext
@@ -74,16 +74,19 @@ class PruningAwareOptunaSearch(OptunaSearch):
         self._last_seen_epoch[trial_id] = int(result.get(EPOCH_KEY, 0))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        epoch = int((result or {}).get(EPOCH_KEY, self._budget))
-        stopped_by_tune = epoch != self._last_seen_epoch.get(trial_id)
-        if error or not result or epoch >= self._budget or not stopped_by_tune \
-                or trial_id in self._completed_trials or self.metric not in result:
+        if error or not result or not self._pruned(trial_id, result):
             super().on_trial_complete(trial_id, result=result, error=error)
             return
+        # Optuna records a pruned trial's last intermediate value; this one never reached on_trial_result.
         ot_trial = self._ot_trials[trial_id]
-        ot_trial.report(result[self.metric], result.get(TRAINING_ITERATION, epoch))
+        ot_trial.report(result[self.metric], result.get(TRAINING_ITERATION, result[EPOCH_KEY]))
         self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
         self._completed_trials.add(trial_id)
+
+    def _pruned(self, trial_id: str, result: dict) -> bool:
+        epoch = result.get(EPOCH_KEY, self._budget)
+        return (epoch < self._budget and epoch != self._last_seen_epoch.get(trial_id)
+                and trial_id not in self._completed_trials and self.metric in result)
 
 
 class Search:
@@ -100,8 +103,8 @@ class Search:
                            help="ASHA: epochs every trial runs before it may be stopped (default: %(default)s)")
         group.add_argument("--reduction-factor", type=float, default=2.0,
                            help="ASHA: keep the top 1/N at each rung (default: %(default)s)")
-        group.add_argument("--space-file", default=str(OPTUNA_SPACE_FILE.relative_to(OPTUNA_SPACE_FILE.parents[1])),
-                           metavar="YAML", help="the Optuna space (default: %(default)s)")
+        group.add_argument("--space-file", default=None, metavar="YAML",
+                           help="the Optuna space (default: search_spaces/optuna_space.yaml)")
 
     def __init__(self, args: argparse.Namespace, sweep_overrides: dict[str, Any]):
         if args.num_samples < 1:
@@ -110,13 +113,16 @@ class Search:
             raise ConfigError(f"--grace-period {args.grace_period}: expected 1..--epochs ({args.epochs})")
         if args.reduction_factor <= 1:
             raise ConfigError(f"--reduction-factor {args.reduction_factor:g}: expected a number above 1")
-        space = load_optuna_space(args.space_file)
+        space_file = args.space_file or OPTUNA_SPACE_FILE
+        space = load_optuna_space(space_file)
         self.space = space.without(sweep_overrides)
         if not self.space.params:
-            raise ConfigError(f"{args.space_file}: every param is fixed by --set; nothing left to search")
+            raise ConfigError(f"{space_file}: every param is fixed by --set; nothing left to search")
+        left_out = [p.name for p in space.params if p not in self.space.params]
+        self.notes = [f"note: --set fixes {', '.join(left_out)}: left out of the search"] if left_out else []
         self.progress_parameters = [p.name for p in self.space.params if not p.when][:PROGRESS_PARAMS]
         self.base = {**space.base_config().to_dict(), **sweep_overrides}
-        TrialConfig.from_dict(self.base, source=f"{args.space_file}: base_preset {space.base_preset!r} with --set")
+        build_config(self.base, source=f"{space_file}: base_preset {space.base_preset!r} with --set")
         self.args = args
 
     @property

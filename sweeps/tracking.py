@@ -6,6 +6,7 @@ concurrent writers; `--mlflow-uri` / MLFLOW_TRACKING_URI points at a tracking se
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import subprocess
@@ -76,6 +77,7 @@ def connect(uri: str) -> MlflowClient:
     """A client for the store, after checking that it answers (and creating the SQLite file if needed)."""
     if is_embedded(uri):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
     client = MlflowClient(tracking_uri=uri)
     with _quick_failure():
         try:

@@ -72,7 +72,12 @@ class TrialConfig:
         if unknown:
             raise ConfigError(
                 f"{source}: unknown config key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(FIELD_TYPES)}")
-        return cls(**{k: coerce(k, v, source=source) for k, v in values.items()})
+        try:
+            return cls(**{k: coerce(k, v, source=source) for k, v in values.items()})
+        except ConfigError as err:  # range/registry errors are raised as "config: ..."; name the real source
+            message = str(err)
+            raise ConfigError(f"{source}:{message[len('config:'):]}" if message.startswith("config:")
+                              else message) from None
 
     def replace(self, **overrides: Any) -> "TrialConfig":
         merged = {**self.to_dict(), **overrides}

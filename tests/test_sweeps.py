@@ -1,0 +1,230 @@
+"""End to end: real tiny sweeps (timm test_resnet at 32 px, generated data) on a local Ray, as the user runs them
+(`python sweeps/run_*.py` in a subprocess), logged to a real MLflow SQLite store that the test reads back."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow import MlflowClient
+
+from sweeps.ablation import Ablation
+from sweeps.runner import main
+from sweeps.search import Search
+from trainable.config import TrialConfig
+from trainable.findings import FINDINGS
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--set", "backbone=test_resnet", "--set", "image_size=32", "--set", "pretrained=none",
+        "--set", "batch_size=16", "--cpus-per-trial", "1"]
+ARMS, SEEDS, EPOCHS = ["baseline", "focal", "adamw"], 2, 2
+SWEEP_TIMEOUT_S = 600
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The sweeps' environment: a local Ray and the embedded MLflow store, a private image cache."""
+    variables = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return {**variables, "CXR_CACHE_DIR": str(tmp_path_factory.mktemp("cache")), "PYTHONUNBUFFERED": "1"}
+
+
+def command(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "sweeps" / script), *args]
+
+
+def run_sweep(env, script: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(command(script, *args), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=SWEEP_TIMEOUT_S)
+    print(done.stdout[-5000:], done.stderr[-5000:], sep="\n")  # shown by pytest when a test fails
+    return done
+
+
+def mlflow_runs(out: Path, experiment: str):
+    """(client, parent run, child runs by name) of a sweep's MLflow experiment."""
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    return client, parents[0], {r.info.run_name: r for r in children}
+
+
+def steps(client, run, key="val_auc_mean") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+
+# --- ablation ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ablation(env, synthetic_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    done = run_sweep(env, "run_ablation.py", "--data", str(synthetic_dir), "--out", str(out), "--name", "abl",
+                     "--arms", ",".join(ARMS), "--seeds", str(SEEDS), "--epochs", str(EPOCHS), *TINY)
+    return out, done
+
+
+def test_ablation_logs_one_parent_and_a_child_per_arm_and_seed(ablation):
+    out, done = ablation
+    assert done.returncode == 0
+    client, parent, children = mlflow_runs(out, "abl")
+    assert sorted(children) == sorted(f"{arm}-s{seed}" for arm in ARMS for seed in range(SEEDS))
+    for name, run in children.items():
+        arm, seed = name.rsplit("-s", 1)
+        assert run.info.status == "FINISHED"
+        assert (run.data.tags["arm"], run.data.tags["seed"]) == (arm, seed)
+        assert run.data.tags["factor"] == {"baseline": "baseline", "focal": "loss", "adamw": "optimizer"}[arm]
+        for finding in FINDINGS:
+            assert steps(client, run, f"val_auc_{finding}") == list(range(1, EPOCHS + 1)), (name, finding)
+            assert steps(client, run, f"val_f1_{finding}") == list(range(1, EPOCHS + 1)), (name, finding)
+        for key in ("val_loss", "val_auc_mean", "val_f1_mean"):
+            assert steps(client, run, key) == list(range(1, EPOCHS + 1))
+        # params are the resolved flat TrialConfig: the arm's change, the seed, and --set for every arm
+        config = TrialConfig.from_dict(run.data.params)
+        assert (config.seed, config.epochs, config.backbone, config.image_size) == (int(seed), EPOCHS, "test_resnet", 32)
+        assert config.loss == ("focal" if arm == "focal" else "bce")
+        assert config.optimizer == ("adamw" if arm == "adamw" else "adam")
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"val_predictions.npz", "thresholds.json"} <= artifacts
+
+
+def test_ablation_parent_run_records_the_sweep(ablation):
+    out, _ = ablation
+    _, parent, _ = mlflow_runs(out, "abl")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["data"] == "SYNTHETIC" and parent.data.tags["synthetic_data"] == "True"
+    assert parent.data.params["arms"] == ",".join(ARMS) and parent.data.params["seeds"] == str(SEEDS)
+    assert parent.data.params["data_fingerprint"] == parent.data.tags["data_fingerprint"]
+    assert int(parent.data.params["split_val_images"]) > 0
+    assert parent.data.tags["git_commit"]
+    record = json.loads((out / "abl" / "sweep.json").read_text())
+    assert record["mlflow"]["parent_run_id"] == parent.info.run_id
+    assert record["plan"]["seeds"] == list(range(SEEDS))
+
+
+def test_ablation_prints_a_table_per_arm_with_delta_vs_baseline(ablation):
+    _, done = ablation
+    text = done.stdout
+    assert "SYNTHETIC" in text and "single-split validation" in text.lower()
+    table = text[text.index("AUC mean ± sd"):].splitlines()
+    rows = {line.split()[0]: line for line in table[2:2 + len(ARMS)]}
+    assert set(rows) == set(ARMS)
+    assert rows["focal"].split()[2] == str(SEEDS) and "±" in rows["focal"]
+    assert "mlflow ui --backend-store-uri sqlite:///" in text and "--host 127.0.0.1" in text
+
+
+# --- search -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def search(env, synthetic_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    done = run_sweep(env, "run_search.py", "--data", str(synthetic_dir), "--out", str(out), "--name", "srch",
+                     "--num-samples", "6", "--epochs", "3", "--reduction-factor", "2", *TINY)
+    return out, done
+
+
+def test_search_with_asha_stops_trials_early_and_marks_them_pruned(search):
+    out, done = search
+    assert done.returncode == 0
+    client, parent, children = mlflow_runs(out, "srch")
+    assert len(children) == 6
+    pruned = {name for name, run in children.items() if run.data.tags.get("pruned") == "true"}
+    assert pruned, "ASHA stopped no trial"
+    for name, run in children.items():
+        if name in pruned:
+            assert run.info.status == "KILLED" and steps(client, run)[-1] < 3
+            assert run.data.tags["pruned_at_epoch"] == str(steps(client, run)[-1])
+        else:
+            assert run.info.status == "FINISHED" and steps(client, run) == [1, 2, 3]
+    # Optuna was told PRUNED for exactly those trials, not COMPLETE with their partial value
+    searcher = pickle.loads(Path(glob.glob(str(out / "srch" / "searcher-state-*.pkl"))[0]).read_bytes())
+    states = [trial.state.name for trial in searcher["_ot_study"].trials]
+    assert states.count("PRUNED") == len(pruned) and states.count("COMPLETE") == 6 - len(pruned)
+
+
+def test_search_writes_the_best_full_budget_config(search):
+    out, done = search
+    client, parent, children = mlflow_runs(out, "srch")
+    best = json.loads((out / "srch" / "best_config.json").read_text())
+    config = TrialConfig.from_dict(best)
+    assert (config.backbone, config.epochs) == ("test_resnet", 3)
+    assert json.loads(parent.data.tags["best_config"]) == best
+    winner = children[parent.data.tags["best_trial"]]
+    assert winner.info.status == "FINISHED"
+    finished = [r for r in children.values() if r.info.status == "FINISHED"]
+    assert winner.data.metrics["val_auc_mean"] == max(r.data.metrics["val_auc_mean"] for r in finished)
+    assert f"best: {parent.data.tags['best_trial']}" in done.stdout
+
+
+# --- kill and resume --------------------------------------------------------------------------------------------
+
+def test_killed_sweep_resumes_with_each_trial_once_in_mlflow(env, synthetic_dir, tmp_path):
+    out, epochs, arms = tmp_path / "out", 3, ARMS[:2]
+    args = ["--data", str(synthetic_dir), "--out", str(out), "--name", "kil", "--arms", ",".join(arms),
+            "--seeds", str(SEEDS), "--epochs", str(epochs), *TINY]
+    sweep = subprocess.Popen(command("run_ablation.py", *args), cwd=REPO, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill driver, Ray and trials at once, as a lost machine would, once the first trial has finished.
+    deadline = time.monotonic() + SWEEP_TIMEOUT_S
+    while not glob.glob(str(out / "kil" / "*" / f"checkpoint_{epochs - 1:06d}")):
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
+        time.sleep(0.5)
+    os.killpg(sweep.pid, signal.SIGKILL)
+    sweep.wait(timeout=60)
+    _, _, before = mlflow_runs(out, "kil")
+    assert sum(run.info.status == "FINISHED" for run in before.values()) < len(arms) * SEEDS
+
+    done = run_sweep(env, "run_ablation.py", "--resume", "--out", str(out))
+    assert done.returncode == 0
+    client, parent, children = mlflow_runs(out, "kil")
+    assert sorted(children) == sorted(f"{arm}-s{seed}" for arm in arms for seed in range(SEEDS))
+    assert len({run.data.tags["trial_id"] for run in children.values()}) == len(children)
+    for run in children.values():
+        assert run.info.status == "FINISHED"
+        assert steps(client, run) == list(range(1, epochs + 1)), run.info.run_name   # no epoch logged twice
+    assert parent.info.status == "FINISHED" and parent.data.tags["resumes"] == "1"
+    assert "kil" in done.stdout and "AUC mean ± sd" in done.stdout
+
+
+# --- refused before anything runs -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, arms_text, expected", [
+    (["--arms", "baseline,x"], "x: {los: focal}\n", r"arms\.yaml: arm 'x': unknown key\(s\) 'los'"),
+    (["--arms", "baseline,x"], "x: {loss: focal\n", r"arms\.yaml: line \d+ is not valid YAML"),
+    (["--arms", "baseline,x"], "x: {loss: hinge}\n", r"arm 'x': loss='hinge' is not one of"),
+    (["--arms", "baseline,nope"], None, r"--arms 'baseline,nope': unknown arm\(s\) 'nope'; known arms: baseline"),
+    (["--set", "head=mlp"], None, r"arm 'baseline' with --set/--epochs: head='mlp' is not one of: linear, cbam"),
+    (["--mlflow-uri", "http://me:s3cret@127.0.0.1:9"], None, r"--mlflow-uri http://me:\*\*\*@127\.0\.0\.1:9: the "
+                                                             r"MLflow tracking store does not answer"),
+    (["--resume"], None, r"--resume: no ablation sweep in .* to resume"),
+])
+def test_bad_input_fails_in_one_line_before_ray_starts(synthetic_dir, tmp_path, capsys, extra, arms_text, expected):
+    args = ["--data", str(synthetic_dir), "--out", str(tmp_path / "out"), *TINY, *extra]
+    if arms_text is not None:
+        (tmp_path / "arms.yaml").write_text(arms_text)
+        args += ["--arms-file", str(tmp_path / "arms.yaml")]
+    assert main(Ablation, args) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("error: ")
+    assert __import__("re").search(expected, error), error
+    assert "s3cret" not in error
+    assert not ray.is_initialized()
+    assert not (tmp_path / "out" / "mlflow.db").exists()
+
+
+def test_existing_sweep_is_not_overwritten(synthetic_dir, tmp_path, capsys):
+    (tmp_path / "out" / "taken").mkdir(parents=True)
+    (tmp_path / "out" / "taken" / "sweep.json").write_text("{}")
+    assert main(Search, ["--data", str(synthetic_dir), "--out", str(tmp_path / "out"), "--name", "taken"]) == 2
+    assert "--resume taken continues it, --overwrite replaces it" in capsys.readouterr().err
+    assert not ray.is_initialized()
