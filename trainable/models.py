@@ -30,8 +30,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def fuse_demographics(pooled: torch.Tensor, demographics: torch.Tensor | None) -> torch.Tensor:
     """Concatenate the demographic vector to the pooled image features.
 
-    The demographic features are already encoded to [0, 1] (trainable.data.demographics), the scale of
-    pooled activations, so no extra normalisation layer is used; the following Linear learns their weight.
+    The demographic features are already centred and of unit scale (trainable.data.demographics), like
+    the pooled activations, so no extra normalisation layer is used; the following Linear learns their weight.
     """
     if demographics is None or demographics.shape[1] == 0:
         return pooled
