@@ -132,21 +132,22 @@ class BatchAugment(torch.nn.Module):
         gain = torch.full((count,), scale / std)
         if params.brightness is not None:
             gain = gain * params.brightness
-        gain, bias = gain.to(device), torch.full((count,), low, device=device)
-        if params.theta is not None:
-            theta = params.theta.to(device)
-            if torch.all(params.theta[:, 0, 1] == 0) and torch.all(params.theta[:, 1, 0] == 0):
+        theta, flip, contrast = params.theta, params.flip, params.contrast
+        gain, theta, flip, contrast = _on_device(device, gain, theta, flip, contrast)
+        bias = torch.full((count,), low, device=device)
+        if theta is not None:
+            if torch.all(params.theta[:, 0, 1] == 0) and torch.all(params.theta[:, 1, 0] == 0):   # on the CPU
                 out = _resample_axis_aligned(images, theta, self.image_size, gain, bias)
             else:
                 out = _resample_affine(images, theta, self.image_size, gain, bias)
         else:
-            if params.flip is not None:
-                images = _flip_where(images, params.flip.to(device))
+            if flip is not None:
+                images = _flip_where(images, flip)
             out = torch.addcmul(_per_sample(bias), images, _per_sample(gain))
         if params.brightness is not None:
             out.clamp_(low, high)
-        if params.contrast is not None:
-            factor = _per_sample(params.contrast.to(device))
+        if contrast is not None:
+            factor = _per_sample(contrast)
             image_mean = out.mean(dim=(1, 2, 3), keepdim=True)
             out.mul_(factor).add_((1 - factor) * image_mean).clamp_(low, high)
         # Only without resampling can the size still differ; resizing is linear, so normalised values resize
@@ -172,12 +173,34 @@ class BatchAugment(torch.nn.Module):
                 if params.theta is not None or params.brightness is not None or params.contrast is not None:
                     return self._augment(images, params, scale=1 / 255, mean=self.mean, std=self.std)
                 if params.flip is not None:    # a flip alone is exact: it moves uint8 pixels, no arithmetic
-                    images = _flip_where(images, params.flip.to(images.device))
+                    images = _flip_where(images, *_on_device(images.device, params.flip))
             floats = self._to_image_size(images.float().div_(255))
             return floats.sub_(self.mean).div_(self.std)
 
 
 # --- resampling kernels ------------------------------------------------------------------------------------
+
+def _on_device(device: torch.device, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """CPU parameter tensors (None passes through) on `device`, in one asynchronous copy from pinned memory:
+    copies from pageable memory would each wait for everything queued on the device, which keeps the host
+    from running ahead of the accelerator."""
+    if device.type == "cpu":
+        return list(tensors)
+    present = [tensor for tensor in tensors if tensor is not None]
+    flat = torch.cat([tensor.reshape(-1).float() for tensor in present])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    moved, start = [], 0
+    for tensor in tensors:
+        if tensor is None:
+            moved.append(None)
+            continue
+        part = flat[start:start + tensor.numel()].view(tensor.shape)
+        start += tensor.numel()
+        moved.append(part > 0.5 if tensor.dtype == torch.bool else part)
+    return moved
+
 
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
     return values[:, None, None, None]
