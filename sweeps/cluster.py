@@ -21,10 +21,13 @@ def start_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     # Warnings only, in the driver and in trials: Tune's progress table is the live view.
     quiet = {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="WARNING")}
+    # OpenMP threads that spin while waiting collapse CPU throughput when trials share a node's cores
+    # (BENCHMARKS.md); passive waiting costs nothing when a trial has its cores to itself.
+    runtime_env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
     if address:
-        ray.init(address=address, **quiet)
+        ray.init(address=address, runtime_env=runtime_env, **quiet)
     else:
-        ray.init(include_dashboard=False, **quiet)
+        ray.init(include_dashboard=False, runtime_env=runtime_env, **quiet)
 
 
 def alive_nodes() -> list[dict]:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
+
+# Before torch loads: spinning OpenMP waits collapse CPU throughput on a shared node (see BENCHMARKS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import TrialConfig, load_preset, parse_overrides
 from .errors import UserError

@@ -105,7 +105,7 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
     for epoch in range(progress.next_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         train_loss, seen = _train_one_epoch(forward, augment, criterion, optimizer, train_loader, cfg, epoch, device)
-        val_loss, probs = _evaluate(forward, augment, criterion, val_loader, cfg, device)
+        val_loss, probs = predict_probs(forward, augment, val_loader, cfg, device, criterion)
         metrics, thresholds = epoch_metrics(val_split.labels, probs, val_loss=val_loss)
         scheduler.step(val_loss)
         progress.update(epoch, metrics["val_auc_mean"])
@@ -127,12 +127,17 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
 
 # --- one epoch ----------------------------------------------------------------------------------
 
+# On CUDA a finiteness check every step would stall the host on the device; every this many steps it costs nothing.
+CUDA_FINITE_CHECK_EVERY = 50
+
+
 def _train_one_epoch(model, augment, criterion, optimizer, loader, cfg, epoch, device) -> tuple[float, int]:
     model.train()
     augment.train()
     torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout and friends
     generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-    total, seen = 0.0, 0
+    check_every = CUDA_FINITE_CHECK_EVERY if device.type == "cuda" else 1
+    total, seen = torch.zeros((), device=device), 0
     for step, batch in enumerate(loader.epoch(epoch)):
         batch = batch.to(device)
         images = augment(batch.images, generator)
@@ -141,19 +146,29 @@ def _train_one_epoch(model, augment, criterion, optimizer, loader, cfg, epoch, d
         with autocast(cfg.precision, device):
             logits = model(images, batch.demographics)
         loss = criterion(logits.float(), batch.labels)
-        if not torch.isfinite(loss):
-            raise TrialDiverged(f"training loss became {loss.item()} at epoch {epoch}, step {step} "
-                                f"(lr={optimizer.param_groups[0]['lr']:g}, loss={cfg.loss})")
+        if step % check_every == 0:
+            _check_finite(loss, epoch, step, optimizer, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(batch.labels)
+        total += loss.detach() * len(batch.labels)
         seen += len(batch.labels)
-    return total / max(seen, 1), seen
+    _check_finite(total, epoch, "end", optimizer, cfg)
+    return total.item() / max(seen, 1), seen
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, step, optimizer, cfg: TrialConfig) -> None:
+    if not torch.isfinite(loss):
+        raise TrialDiverged(f"training loss became {loss.item()} at epoch {epoch}, step {step} "
+                            f"(lr={optimizer.param_groups[0]['lr']:g}, loss={cfg.loss})")
 
 
 @torch.no_grad()
-def _evaluate(model, augment, criterion, loader, cfg, device) -> tuple[float, np.ndarray]:
+def predict_probs(model, augment, loader, cfg, device, criterion=None) -> tuple[float, np.ndarray]:
+    """Probabilities for every row of `loader`, in its order, and the mean loss (NaN without a criterion).
+
+    The one evaluation step: validation during training and test prediction in final training both use it.
+    """
     model.eval()
     augment.eval()
     losses, probs = [], []
@@ -161,10 +176,12 @@ def _evaluate(model, augment, criterion, loader, cfg, device) -> tuple[float, np
         batch = batch.to(device)
         with autocast(cfg.precision, device):
             logits = model(augment(batch.images), batch.demographics).float()
-        losses.append(criterion(logits, batch.labels).item() * len(batch.labels))
-        probs.append(torch.sigmoid(logits).cpu().numpy())
-    probs_all = np.concatenate(probs).astype(np.float32)
-    return float(sum(losses) / len(probs_all)), probs_all
+        if criterion is not None:
+            losses.append(criterion(logits, batch.labels) * len(batch.labels))
+        probs.append(torch.sigmoid(logits))
+    probs_all = torch.cat(probs).cpu().numpy().astype(np.float32)
+    mean_loss = float(torch.stack(losses).sum()) / len(probs_all) if losses else math.nan
+    return mean_loss, probs_all
 
 
 # --- progress and checkpoints -------------------------------------------------------------------

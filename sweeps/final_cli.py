@@ -1,0 +1,264 @@
+"""`python sweeps/train_best.py`: retrain the best config(s) with a longer budget and evaluate on the test split.
+
+Order: arguments, configs, MLflow store and data are checked first; then the members train (each keeps its epoch
+with the best validation mean AUC), thresholds are chosen on validation, the test split is predicted once, and only
+then are its labels read for the report (sweeps/final.py keeps that order structural).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from trainable.__main__ import add_data_arguments, data_spec
+from trainable.config import parse_overrides
+from trainable.data.nih import PreparedData, prepare_dataset, write_text_atomically
+from trainable.errors import ConfigError, UserError
+from trainable.findings import FINDINGS
+
+from .final import FinalModel, MemberSpec, TrainedMember, fit_final, member_specs
+from .final_sources import Candidate, from_config_file, sweep_candidates, sweep_data_arguments
+from .final_tracking import FAILED, FINISHED, KILLED, FinalRun
+from .options import positive_int
+from .tracking import artifact_location, connect, git_commit, resolve_tracking_uri, ui_command
+
+DESCRIPTION = """Final training: the best config of a sweep (or a config file) trained with a longer budget over
+one or more seeds, epochs selected and F1 thresholds chosen on validation only, then evaluated once on the test split:
+per-finding AUC with bootstrap CIs, F1, sensitivity, specificity, PPV, NPV, calibration (ECE), ROC curves,
+Grad-CAM overlays, a comparison with published AUCs, and the model registered in MLflow.
+
+    python sweeps/train_best.py --from-sweep srch --epochs 20 --seeds 3          # data as the sweep recorded it
+    python sweeps/train_best.py --config runs/srch/best_config.json --data /data/nih --epochs 20
+    python sweeps/train_best.py --from-sweep abl --ensemble 3                      # average the top-3 configs
+"""
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_EXPERIMENT = "final-training"
+DEFAULT_MODEL_NAME = "cxr-classifier"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python sweeps/train_best.py", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_argument_group("configs").add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-sweep", metavar="SWEEP",
+                        help="a sweep's parent run id or MLflow experiment name: its configs ranked by validation "
+                             "mean AUC (seeds of one config averaged)")
+    source.add_argument("--config", metavar="JSON", help="a config file, e.g. the best_config.json of run_search")
+    final = parser.add_argument_group("final training")
+    final.add_argument("--epochs", type=positive_int, default=None,
+                       help="epoch budget of every member (default: the config's own)")
+    final.add_argument("--seeds", type=positive_int, default=1,
+                       help="seeds per config: config.seed, +1, ...; their predictions are averaged (default: 1)")
+    final.add_argument("--ensemble", type=positive_int, default=1,
+                       help="average the top-K configs of --from-sweep, ranked on validation (default: 1)")
+    final.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key of every member, repeatable (e.g. --set batch_size=64)")
+    final.add_argument("--out", default=None,
+                       help="output folder (default: runs/final-<timestamp>); must be new or empty")
+    final.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    report = parser.add_argument_group("evaluation")
+    report.add_argument("--bootstrap", type=positive_int, default=1000,
+                        help="bootstrap resamples of the test images for AUC CIs (default: %(default)s)")
+    report.add_argument("--gradcam-samples", type=int, default=2,
+                        help="Grad-CAM overlays per finding, on positive test images (default: %(default)s)")
+    report.add_argument("--bbox-csv", default=None,
+                        help="NIH's BBox_List_2017.csv for the localization score (default: looked for in --data)")
+    report.add_argument("--google-labels", action="append", default=None, metavar="CSV",
+                        help="Google's 2019 expert labels, repeatable (default: looked for in --data)")
+    tracking = parser.add_argument_group("MLflow")
+    tracking.add_argument("--mlflow-uri", default=None,
+                          help="tracking store to read the sweep from and log to (default: $MLFLOW_TRACKING_URI, "
+                               "else mlflow.db beside --out: runs/mlflow.db, where the sweeps log by default)")
+    tracking.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
+                          help="MLflow experiment of the final run (default: %(default)s)")
+    tracking.add_argument("--registered-model", default=DEFAULT_MODEL_NAME,
+                          help="MLflow registered model name (default: %(default)s)")
+    parser.add_argument("--data", default=None,
+                        help="NIH ChestX-ray14 folder (default with --from-sweep: the sweep's data and split "
+                             "options, as recorded on its parent run; options given here override them)")
+    add_data_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args, parser)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# --- before training --------------------------------------------------------------------------------------------
+
+def _output_folder(args: argparse.Namespace) -> Path:
+    out = Path(args.out or Path("runs") / f"final-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"--out {out} is not empty; pass --overwrite to write into it, or another --out")
+    return out
+
+
+def _candidates(args: argparse.Namespace, parser: argparse.ArgumentParser, uri: str
+                ) -> tuple[list[Candidate], str, dict[str, str]]:
+    """(configs to train, where they come from, tags naming the source); fills the data options from a sweep."""
+    if args.config:
+        if args.ensemble > 1:
+            raise ConfigError("--ensemble needs --from-sweep: a config file holds one config")
+        if args.data is None:
+            raise ConfigError("--data is required with --config: the NIH ChestX-ray14 folder")
+        return [from_config_file(args.config)], f"config file {args.config}", {"source_config": str(args.config)}
+    from dashboards.sweep_reader import connect as connect_existing
+    sweep, candidates = sweep_candidates(connect_existing(uri), args.from_sweep, args.ensemble)
+    if args.data is None:
+        _fill_data_options(args, parser, sweep_data_arguments(sweep))
+    ranked = ", ".join(f"{c.label} (val AUC {c.val_auc_mean:.3f}, {c.trials} trial(s))" for c in candidates)
+    source = f"sweep {sweep.name!r} (parent run {sweep.parent_run_id}), top {len(candidates)} by validation " \
+             f"mean AUC: {ranked}"
+    tags = {"source_sweep": sweep.name, "source_sweep_run": sweep.parent_run_id,
+            "source_data_fingerprint": sweep.parent_params.get("data_fingerprint", "")}
+    return candidates, source, tags
+
+
+def _fill_data_options(args: argparse.Namespace, parser: argparse.ArgumentParser, recorded: list[str]) -> None:
+    """The sweep's data options, except where this command line set one away from its default."""
+    data_parser = argparse.ArgumentParser(add_help=False)
+    data_parser.add_argument("--data")
+    add_data_arguments(data_parser)
+    sweep_args = data_parser.parse_args(recorded)
+    for key, value in vars(sweep_args).items():
+        if key != "cache_dir" and getattr(args, key) == parser.get_default(key):
+            setattr(args, key, value)
+
+
+def _apply_overrides(candidates: list[Candidate], args: argparse.Namespace) -> list[tuple[str, object]]:
+    overrides = parse_overrides(args.set)
+    if "seed" in overrides and args.seeds > 1:
+        raise ConfigError("--set seed with --seeds > 1: members use seeds config.seed, +1, ...; set one or the other")
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    return [(c.label, c.config.replace(**overrides)) for c in candidates]
+
+
+# --- the run ----------------------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from dashboards.annotations import BBOX_FILE, GOOGLE_FILES, find_files
+
+    out = _output_folder(args)
+    uri = resolve_tracking_uri(args.mlflow_uri, out.parent)
+    candidates, source, source_tags = _candidates(args, parser, uri)
+    specs = member_specs(_apply_overrides(candidates, args), args.seeds)
+    if args.gradcam_samples < 0:
+        raise ConfigError(f"--gradcam-samples {args.gradcam_samples}: expected 0 or more")
+    bbox_csv = Path(args.bbox_csv) if args.bbox_csv else next(iter(find_files(args.data, [BBOX_FILE])), None)
+    google_files = [Path(p) for p in args.google_labels] if args.google_labels else find_files(args.data, GOOGLE_FILES)
+    for path in [bbox_csv, *google_files]:
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{path}: no such file")
+    client = connect(uri)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_dataset(data_spec(args), out)
+    _print_header(data, source, specs, bbox_csv, google_files)
+    recorded = source_tags.get("source_data_fingerprint")
+    if recorded and recorded != data.fingerprint:
+        print(f"note: the data (fingerprint {data.fingerprint}) differ from those the sweep chose its configs on "
+              f"({recorded})", flush=True)
+
+    tracker = FinalRun.start(client, uri, experiment=args.experiment, run_name=out.name,
+                             artifact_root=artifact_location(uri, out.parent),
+                             params=_run_params(args, specs, data), tags=_run_tags(data, source, source_tags))
+    try:
+        final = fit_final(specs, data, cache_dir=args.cache_dir, on_epoch=lambda spec, m: _on_epoch(tracker, spec, m),
+                          on_member=lambda member: _on_member(tracker, member))
+        _finish(args, out, data, final, source, tracker, bbox_csv, google_files)
+    except BaseException as err:
+        tracker.end(KILLED if isinstance(err, KeyboardInterrupt) else FAILED)
+        raise
+    tracker.end(FINISHED)
+    print(f"\nfiles: {out}\nMLflow run {tracker.run_id} in experiment {args.experiment!r}; browse with:\n"
+          f"  {ui_command(uri)}", flush=True)
+
+
+def _member_tags(spec: MemberSpec) -> dict[str, str]:
+    return {"member_config": spec.label, "seed": str(spec.config.seed)}
+
+
+def _on_epoch(tracker: FinalRun, spec: MemberSpec, metrics: dict) -> None:
+    tracker.log_epoch(spec.name, spec.config, _member_tags(spec), metrics)
+    print(f"{spec.name} epoch {metrics['epoch']}/{spec.config.epochs}: val_loss {metrics['val_loss']:.4f} "
+          f"val_auc_mean {metrics['val_auc_mean']:.4f} val_f1_mean {metrics['val_f1_mean']:.4f}", flush=True)
+
+
+def _on_member(tracker: FinalRun, member: TrainedMember) -> None:
+    tracker.finish_member(member.spec.name, selected_epoch=member.selected_epoch, selected_value=member.selected_value)
+    print(f"{member.spec.name}: selected epoch {member.selected_epoch} (best validation mean AUC "
+          f"{member.selected_value:.4f})", flush=True)
+
+
+def _print_header(data: PreparedData, source: str, specs: list[MemberSpec], bbox_csv, google_files) -> None:
+    label = "SYNTHETIC data (generated, not NIH)" if data.synthetic else "NIH ChestX-ray14"
+    sizes = {name: size["images"] for name, size in data.split_sizes().items()}
+    print(f"final training: {label}, fingerprint {data.fingerprint}, split sizes {sizes} images", flush=True)
+    print(f"configs from {source}", flush=True)
+    print(f"members: {', '.join(s.name for s in specs)} ({specs[0].config.epochs} epochs each)", flush=True)
+    print(f"localization boxes: {bbox_csv or 'none found'}; Google 2019 labels: "
+          f"{', '.join(map(str, google_files)) or 'none found'}", flush=True)
+
+
+def _run_params(args: argparse.Namespace, specs: list[MemberSpec], data: PreparedData) -> dict:
+    sizes = {f"split_{name}_{unit}": count for name, size in data.split_sizes().items() for unit, count in size.items()}
+    options = {key: getattr(args, key) for key in ("from_sweep", "config", "seeds", "ensemble", "data", "split",
+                                                   "val_fraction", "test_fraction", "split_seed", "view",
+                                                   "max_images", "bootstrap")}
+    # The best config as flat params, like a sweep's child run (members' own configs are on their child runs).
+    return {**specs[0].config.to_dict(), **{k: v for k, v in options.items() if v is not None}, **sizes,
+            "members": ",".join(s.name for s in specs), "data_fingerprint": data.fingerprint}
+
+
+def _run_tags(data: PreparedData, source: str, source_tags: dict[str, str]) -> dict:
+    return {"kind": "final", "data": "SYNTHETIC" if data.synthetic else "NIH", "synthetic_data": data.synthetic,
+            "data_fingerprint": data.fingerprint, "git_commit": git_commit(REPO_ROOT), "source": source[:5000],
+            **source_tags}
+
+
+def _finish(args, out: Path, data: PreparedData, final: FinalModel, source: str, tracker: FinalRun,
+            bbox_csv, google_files) -> None:
+    from dashboards.final_report import ReportContext, summary_text, write_report
+
+    members = final.members
+    thresholds = dict(zip(FINDINGS, map(float, final.validation.thresholds)))
+    config_file, thresholds_file = out / "config.json", out / "thresholds.json"
+    write_text_atomically(config_file, members[0].spec.config.to_json() + "\n")
+    write_text_atomically(thresholds_file, json.dumps(thresholds, indent=2) + "\n")
+    write_text_atomically(out / "members.json", json.dumps(
+        [{"member": m.spec.name, "config_label": m.spec.label, "selected_epoch": m.selected_epoch,
+          "selected_val_auc_mean": m.selected_value, "config": m.spec.config.to_dict()} for m in members],
+        indent=2) + "\n")
+    model = final.deployable()
+    context = ReportContext(source=source, member_names=[m.spec.name for m in members],
+                            member_labels=[m.spec.label for m in members],
+                            member_seeds=[m.spec.config.seed for m in members],
+                            selected_epochs=[m.selected_epoch for m in members],
+                            selected_values=[m.selected_value for m in members], cache_dir=args.cache_dir,
+                            n_boot=args.bootstrap, gradcam_per_finding=args.gradcam_samples, bbox_csv=bbox_csv,
+                            google_files=list(google_files))
+    report = write_report(out, data, model, context, image_config=members[0].spec.config,
+                          val_images=final.validation.images, val_labels=final.validation.labels,
+                          val_probs=final.validation.probs, thresholds=final.validation.thresholds,
+                          test_images=final.test_images, test_probs_by_member=final.test_probs_by_member)
+    print("\n" + summary_text(report, data.synthetic), flush=True)
+    tracker.log_test_metrics(report.test_metrics, report.members)
+    tracker.log_files(out)
+    mean_auc = float(report.test_metrics["auc"].mean())
+    synthetic = " SYNTHETIC data (not NIH)." if data.synthetic else ""
+    version = tracker.log_model(
+        model, args.registered_model, config=members[0].spec.config, config_file=config_file,
+        thresholds_file=thresholds_file, thresholds=thresholds,
+        description=f"Final model from {source}. Test mean AUC {mean_auc:.3f}; thresholds chosen on validation."
+                    f"{synthetic}")
+    print(f"\nregistered model {args.registered_model!r} version {version} (mlflow.pytorch; input uint8 images, "
+          f"output probabilities of {len(FINDINGS)} findings)", flush=True)

@@ -1,0 +1,149 @@
+"""MLflow for final training: one parent run (the final model) with a child run per member (config x seed).
+
+The parent run holds the data and source of the configs, the test metrics, every report file as an artifact,
+and the model (mlflow.pytorch, registered under a model name) with its config and thresholds. Child runs carry
+the members' per-epoch validation metrics under the sweeps' names, so the UI charts them like sweep trials.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+
+import trainable
+from dashboards.final_report import METRIC_COLUMNS
+from trainable.config import TrialConfig
+from trainable.deployed import DeployedClassifier
+from trainable.findings import FINDINGS
+
+from .tracking import PARENT_RUN_TAG, SweepRun
+
+MODEL_NAME = "model"
+MODEL_INPUT = ("uint8 grayscale images (B, 1, H, W); demographics (B, 3): age/100, sex M=1, view PA=1 (needed only "
+               "by members trained with demographic inputs)")
+MODEL_OUTPUT = "(B, 14) probabilities, columns in `findings` order"
+# What the logged model needs to be loaded (its code travels with it through code_paths).
+MODEL_REQUIREMENTS = ("torch", "timm", "numpy", "pandas")
+FINISHED, FAILED, KILLED = (RunStatus.to_string(s) for s in (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED))
+
+
+def _requirements() -> list[str]:
+    pinned = []
+    for package in MODEL_REQUIREMENTS:
+        try:
+            pinned.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            pinned.append(package)
+    return pinned
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """mlflow.pytorch.log_model logs through the global tracking URI (and the env var it sets): set it only
+    meanwhile, so the caller's process is left as it was."""
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+class FinalRun:
+    def __init__(self, client: MlflowClient, tracking_uri: str, sweep_run: SweepRun):
+        self.client = client
+        self.tracking_uri = tracking_uri
+        self.sweep_run = sweep_run
+        self.children: dict[str, str] = {}      # member name -> run id
+
+    @property
+    def run_id(self) -> str:
+        return self.sweep_run.parent_run_id
+
+    @classmethod
+    def start(cls, client: MlflowClient, tracking_uri: str, *, experiment: str, run_name: str,
+              artifact_root: str | None, params: Mapping[str, Any], tags: Mapping[str, Any]) -> "FinalRun":
+        # Reuses the sweeps' parent-run code (experiment created or restored, params cut to MLflow's limits),
+        # which names the run after the experiment: renamed here, one experiment holds many final runs.
+        sweep_run = SweepRun.start(client, experiment, artifact_root=artifact_root, params=params, tags=tags)
+        client.update_run(sweep_run.parent_run_id, name=run_name)
+        return cls(client, tracking_uri, sweep_run)
+
+    # --- members ------------------------------------------------------------------------------------------------
+    def member_run(self, name: str, config: TrialConfig, tags: Mapping[str, str]) -> str:
+        if name not in self.children:
+            run = self.client.create_run(self.sweep_run.experiment_id, run_name=name,
+                                         tags={**tags, PARENT_RUN_TAG: self.run_id, "kind": "final-member"})
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in config.to_dict().items()])
+            self.children[name] = run.info.run_id
+        return self.children[name]
+
+    def log_epoch(self, name: str, config: TrialConfig, tags: Mapping[str, str], metrics: dict) -> None:
+        run_id = self.member_run(name, config, tags)
+        now = int(time.time() * 1000)
+        step = int(metrics["epoch"])
+        values = [Metric(key, float(value), now, step) for key, value in metrics.items() if key != "epoch"]
+        self.client.log_batch(run_id, metrics=values)
+
+    def finish_member(self, name: str, *, selected_epoch: int, selected_value: float) -> None:
+        run_id = self.children[name]
+        self.client.set_tag(run_id, "selected_epoch", str(selected_epoch))
+        self.client.log_metric(run_id, "selected_val_auc_mean", selected_value)
+        self.client.set_terminated(run_id, status=FINISHED)
+
+    # --- results ------------------------------------------------------------------------------------------------
+    def log_test_metrics(self, test_metrics: pd.DataFrame, members: pd.DataFrame) -> None:
+        """test_<metric>_<Finding> and test_{auc,f1,ece}_mean on the parent; each member's test AUCs on its run."""
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"test_{column}_{finding}", float(value), now, 0)
+                   for column in METRIC_COLUMNS for finding, value in test_metrics[column].items()
+                   if np.isfinite(value)]
+        for column in ("auc", "f1", "ece"):
+            metrics.append(Metric(f"test_{column}_mean", float(np.nanmean(test_metrics[column])), now, 0))
+        self.client.log_batch(self.run_id, metrics=metrics)
+        for row in members.itertuples():
+            if row.member in self.children:
+                self.client.log_batch(self.children[row.member], metrics=[
+                    Metric("test_auc_mean", float(row.test_auc_mean), now, 0),
+                    *(Metric(f"test_auc_{f}", float(getattr(row, f"test_auc_{f}")), now, 0) for f in FINDINGS
+                      if np.isfinite(getattr(row, f"test_auc_{f}")))])
+
+    def log_files(self, out: Path) -> None:
+        self.client.log_artifacts(self.run_id, str(out))
+
+    def log_model(self, model: DeployedClassifier, registered_model_name: str, *, config: TrialConfig,
+                  config_file: Path, thresholds_file: Path, thresholds: Mapping[str, float], description: str) -> str:
+        """Log the model on the parent run with its config and thresholds, register it; returns the version."""
+        # Created here so it belongs to the run's experiment (log_model alone would file it under the active
+        # experiment, MLflow's Default, whose artifacts may live anywhere).
+        logged = self.client.create_logged_model(self.sweep_run.experiment_id, name=MODEL_NAME,
+                                                 source_run_id=self.run_id, model_type="classifier",
+                                                 params={k: str(v) for k, v in config.to_dict().items()})
+        with _global_tracking_uri(self.tracking_uri):
+            info = mlflow.pytorch.log_model(
+                model, name=MODEL_NAME, model_id=logged.model_id, run_id=self.run_id,
+                registered_model_name=registered_model_name,
+                # pickle, not MLflow 3's default torch.export ("pt2"): the input preparation branches on tensor
+                # shapes and dtypes, which export cannot trace; the pickled classes travel along in code_paths.
+                serialization_format="pickle", code_paths=[str(Path(trainable.__file__).parent)],
+                pip_requirements=_requirements(), extra_files=[str(config_file), str(thresholds_file)],
+                metadata={"findings": list(FINDINGS), "thresholds": dict(thresholds), "input": MODEL_INPUT,
+                          "output": MODEL_OUTPUT})
+        model_version = str(info.registered_model_version)
+        self.client.update_model_version(registered_model_name, model_version, description=description)
+        return model_version
+
+    def end(self, status: str) -> None:
+        for run_id in self.children.values():
+            if self.client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING):
+                self.client.set_terminated(run_id, status=status)
+        self.sweep_run.end(status)

@@ -1,0 +1,327 @@
+"""Final training end to end on generated data (timm test_resnet at 64 px, 2 epochs): the registered MLflow model,
+the report files, thresholds and model selection that never see test labels, the published comparison, the
+localization score (boxes drawn where the generator draws each finding) and AUC on Google-style expert labels."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from sklearn.metrics import f1_score, roc_auc_score
+
+from dashboards.annotations import read_bboxes, read_google_labels
+from dashboards.gradcam import localization_scores
+from dashboards.published import load_published
+from sweeps.final import fit_final, member_specs
+from sweeps.final_cli import main
+from sweeps.tracking import PARENT_RUN_TAG, SweepRun
+from trainable.config import TrialConfig
+from trainable.data.nih import DataSpec, prepare_dataset
+from trainable.deployed import DeployedClassifier, demographic_inputs
+from trainable.findings import FINDINGS
+from trainable.train import SplitArrays
+
+REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
+CONFIG = {"backbone": "test_resnet", "pretrained": "none", "image_size": 64, "batch_size": 16, "epochs": 5}
+EPOCHS = 2
+MODEL_NAME = "test-cxr"
+# Where trainable.data.synthetic draws each boxed finding: (top, bottom, left, right) as fractions of the image.
+SIGNATURE_BOXES = {
+    "Atelectasis": (0.57, 0.66, 0.16, 0.44), "Cardiomegaly": (0.48, 0.76, 0.35, 0.73),
+    "Effusion": (0.66, 0.76, 0.17, 0.83), "Infiltrate": (0.32, 0.50, 0.57, 0.75), "Mass": (0.19, 0.35, 0.58, 0.74),
+    "Nodule": (0.18, 0.36, 0.21, 0.39), "Pneumonia": (0.40, 0.60, 0.22, 0.42), "Pneumothorax": (0.15, 0.45, 0.76, 0.84),
+}
+
+
+def _entries(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "Data_Entry_2017_v2020.csv", dtype=str, keep_default_na=False)
+
+
+def _write_bboxes(folder: Path, entries: pd.DataFrame, images: list[str]) -> None:
+    """NIH's header and spelling (Infiltrate), one box per boxed finding present on each listed image."""
+    lines = ["Image Index,Finding Label,Bbox [x,y,w,h],,,"]
+    for image, labels in entries.set_index("Image Index").loc[images, "Finding Labels"].items():
+        for name, (top, bottom, left, right) in SIGNATURE_BOXES.items():
+            if {"Infiltrate": "Infiltration"}.get(name, name) in labels.split("|"):
+                x, y, w, h = (1024 * v for v in (left, top, right - left, bottom - top))
+                lines.append(f"{image},{name},{x},{y},{w},{h}")
+    (folder / "BBox_List_2017.csv").write_text("\n".join(lines) + "\n")
+
+
+def _write_google_labels(folder: Path, entries: pd.DataFrame, images: list[str]) -> None:
+    rows = entries.set_index("Image Index").loc[images, "Finding Labels"].str.split("|")
+    yes = lambda present: np.where(present, "YES", "NO")  # noqa: E731
+    frame = pd.DataFrame({"Image Index": rows.index, "Fracture": "NO",
+                          "Pneumothorax": yes(rows.map(lambda r: "Pneumothorax" in r)),
+                          "Airspace opacity": "NO",
+                          "Nodule or mass": yes(rows.map(lambda r: "Nodule" in r or "Mass" in r)), "Set Id": "test"})
+    frame.loc[frame.index[0], "Pneumothorax"] = ""          # not read by the radiologists: left out
+    frame.to_csv(folder / "google2019_nih-chest-xray-labels.csv", index=False)
+
+
+@pytest.fixture(scope="module")
+def data_dir(synthetic_dir, tmp_path_factory) -> Path:
+    """The shared synthetic data set plus NIH-style boxes and Google-style labels (test images and two train ones)."""
+    folder = tmp_path_factory.mktemp("final") / "nih"
+    shutil.copytree(synthetic_dir, folder)
+    entries = _entries(folder)
+    test_images = (folder / "test_list.txt").read_text().split()
+    train_images = (folder / "train_val_list.txt").read_text().split()[:2]
+    _write_bboxes(folder, entries, test_images + train_images)
+    _write_google_labels(folder, entries, test_images + train_images)
+    return folder
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    print(out.getvalue()[-4000:], err.getvalue()[-4000:], sep="\n")   # shown by pytest when a test fails
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def final(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("final-run")
+    config = root / "best_config.json"
+    config.write_text(json.dumps(CONFIG))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    started = time.perf_counter()
+    code, stdout, _ = run_cli("--config", str(config), "--data", str(data_dir), "--epochs", str(EPOCHS),
+                              "--out", str(root / "out"), "--mlflow-uri", uri, "--registered-model", MODEL_NAME,
+                              "--bootstrap", "100", "--gradcam-samples", "1", "--cache-dir", str(root / "cache"))
+    print(f"train_best took {time.perf_counter() - started:.1f} s")
+    assert code == 0
+    return {"out": root / "out", "uri": uri, "stdout": stdout, "cache": root / "cache"}
+
+
+# --- the model in the registry ----------------------------------------------------------------------------------
+
+def test_registers_a_model_that_loads_back_and_predicts_as_evaluated(final, data_dir, tmp_path):
+    client = MlflowClient(final["uri"])
+    assert client.get_registered_model(MODEL_NAME).name == MODEL_NAME
+    versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    assert len(versions) == 1
+    run = client.get_run(versions[0].run_id)
+    assert run.data.tags["kind"] == "final" and run.data.tags["data"] == "SYNTHETIC"
+    assert run.info.status == "FINISHED" and "SYNTHETIC" in versions[0].description
+    logged = client.get_logged_model(versions[0].source.rsplit("/", 1)[-1])     # filed under the final run's experiment
+    assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run.info.run_id
+    assert {"test_metrics.csv", "thresholds.json", "config.json", "report.md", "roc_curves.png"} <= \
+        {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.data.metrics["test_auc_mean"] == pytest.approx(
+        pd.read_csv(final["out"] / "test_metrics.csv")["auc"].mean())
+
+    mlflow.set_tracking_uri(final["uri"])
+    try:
+        model = mlflow.pytorch.load_model(f"models:/{MODEL_NAME}/{versions[0].version}")
+        info = mlflow.models.get_model_info(f"models:/{MODEL_NAME}/{versions[0].version}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert isinstance(model, DeployedClassifier)
+    assert info.metadata["thresholds"] == json.loads((final["out"] / "thresholds.json").read_text())
+    # the registered model, fed the test images as stored, reproduces the evaluated test predictions
+    data = prepare_dataset(DataSpec(str(data_dir)), tmp_path)
+    images = SplitArrays.load(data, "test", TrialConfig.from_dict(CONFIG), final["cache"]).images
+    with torch.no_grad():
+        probs = model(torch.from_numpy(np.array(images))[:, None],
+                      torch.from_numpy(demographic_inputs(data.subset("test")))).numpy()
+    saved = np.load(final["out"] / "test_predictions.npz")
+    np.testing.assert_allclose(probs, saved["probs"], atol=1e-5)
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+def test_writes_the_report_files_and_their_auc_is_sklearns(final):
+    out = final["out"]
+    for name in ("test_metrics.csv", "members.csv", "members.json", "comparison.csv", "comparison.md",
+                 "roc_curves.png", "localization.csv", "google2019_auc.csv", "report.md", "config.json",
+                 "thresholds.json", "val_predictions.npz", "test_predictions.npz", "split.csv"):
+        assert (out / name).is_file(), name
+    assert {p.stem for p in (out / "gradcam").glob("*.png")} <= set(FINDINGS) and list((out / "gradcam").glob("*.png"))
+    metrics = pd.read_csv(out / "test_metrics.csv").set_index("finding")
+    assert list(metrics.index) == list(FINDINGS)
+    saved = np.load(out / "test_predictions.npz")
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    for k, finding in enumerate(FINDINGS):
+        y, p = saved["labels"][:, k], saved["probs"][:, k]
+        if 0 < y.sum() < len(y):
+            assert metrics.loc[finding, "auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+            assert metrics.loc[finding, "auc_ci_low"] <= metrics.loc[finding, "auc_ci_high"]
+        assert metrics.loc[finding, "threshold"] == pytest.approx(thresholds[finding], abs=1e-6)
+        assert metrics.loc[finding, "f1"] == pytest.approx(f1_score(y, p >= thresholds[finding], zero_division=0),
+                                                          abs=1e-6)
+    report = (out / "report.md").read_text()
+    assert "SYNTHETIC DATA" in report and "thresholds chosen on validation" in report.lower()
+    assert "SYNTHETIC" in final["stdout"] and "registered model 'test-cxr' version 1" in final["stdout"]
+
+
+def test_published_comparison_covers_all_findings_with_its_caveats(final):
+    comparison = pd.read_csv(final["out"] / "comparison.csv").set_index("finding")
+    assert list(comparison.index) == [*FINDINGS, "mean"]
+    assert {"ours_auc", "chexnet_2017", "dannynet_2025"} <= set(comparison.columns)
+    assert comparison.loc["mean", "chexnet_2017"] == pytest.approx(0.841, abs=5e-4)
+    assert comparison.loc["mean", "dannynet_2025"] == pytest.approx(0.853, abs=5e-4)
+    assert comparison[["chexnet_2017", "dannynet_2025"]].notna().all().all()
+    markdown = (final["out"] / "comparison.md").read_text()
+    assert "Not comparable as is" in markdown and "arXiv:1711.05225" in markdown and "2% of patients" in markdown
+    assert "NOT comparable as is" in final["stdout"]
+
+
+def test_localization_and_google_labels_use_test_images_only(final, data_dir):
+    test_images = set((data_dir / "test_list.txt").read_text().split())
+    boxes = read_bboxes(data_dir / "BBox_List_2017.csv")
+    on_test = boxes[boxes["image"].isin(test_images)]
+    assert len(on_test) < len(boxes), "the fixture should hold boxes on train images too"
+    localization = pd.read_csv(final["out"] / "localization.csv").set_index("finding")
+    assert localization["boxes"].to_dict() == on_test["finding"].value_counts().to_dict()
+    assert ((localization["score"] >= 0) & (localization["score"] <= 1)).all()
+
+    google = pd.read_csv(final["out"] / "google2019_auc.csv").set_index("finding")
+    assert list(google.index) == ["Pneumothorax", "Nodule or mass"]
+    saved = np.load(final["out"] / "test_predictions.npz")
+    entries = _entries(data_dir).set_index("Image Index").loc[saved["images"], "Finding Labels"]
+    nodule_or_mass = entries.str.contains("Nodule|Mass").to_numpy()
+    score = np.maximum(saved["probs"][:, FINDINGS.index("Nodule")], saved["probs"][:, FINDINGS.index("Mass")])
+    assert google.loc["Nodule or mass", "images"] == len(test_images)
+    assert google.loc["Pneumothorax", "images"] == len(test_images) - 1      # one left blank by the radiologists
+    assert google.loc["Nodule or mass", "auc"] == pytest.approx(roc_auc_score(nodule_or_mass, score), abs=1e-6)
+
+
+# --- honesty ----------------------------------------------------------------------------------------------------
+
+def test_thresholds_and_selected_epoch_do_not_depend_on_test_labels(final, data_dir, tmp_path):
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(data_dir, shuffled)
+    entries = _entries(shuffled)
+    in_test = entries["Image Index"].isin((shuffled / "test_list.txt").read_text().split()).to_numpy()
+    labels = entries["Finding Labels"].to_numpy().copy()
+    labels[in_test] = np.random.default_rng(1).permutation(labels[in_test])
+    entries.assign(**{"Finding Labels": labels}).to_csv(shuffled / "Data_Entry_2017_v2020.csv", index=False)
+    original = prepare_dataset(DataSpec(str(data_dir)), tmp_path / "original")
+    data = prepare_dataset(DataSpec(str(shuffled)), tmp_path / "prepared")
+    assert not np.array_equal(data.labels("test"), original.labels("test"))
+    np.testing.assert_array_equal(data.labels("val"), original.labels("val"))
+
+    config = TrialConfig.from_dict(json.loads((final["out"] / "config.json").read_text()))
+    refit = fit_final(member_specs([("best-config", config)], 1), data, cache_dir=final["cache"])
+    expected = json.loads((final["out"] / "thresholds.json").read_text())
+    assert dict(zip(FINDINGS, map(float, refit.validation.thresholds))) == expected
+    selected = json.loads((final["out"] / "members.json").read_text())[0]["selected_epoch"]
+    assert refit.members[0].selected_epoch == selected
+    np.testing.assert_array_equal(refit.test_probs, np.load(final["out"] / "test_predictions.npz")["probs"])
+
+
+# --- from a sweep, with an ensemble -----------------------------------------------------------------------------
+
+def _write_sweep(uri: str, data_dir: Path, artifact_root: str) -> dict[str, float]:
+    """A search sweep as sweeps/ logs it: the parent run records the data options; child runs hold flat configs and
+    a final val_auc_mean. The best one was pruned by ASHA, so it must not be chosen."""
+    client = MlflowClient(uri)
+    sweep = SweepRun.start(client, "srch", artifact_root=artifact_root, tags={"kind": "search"},
+                           params={"data": str(data_dir), "split": "official", "val_fraction": 0.1,
+                                   "test_fraction": 0.2, "split_seed": 0, "view": "all", "max_images": 0,
+                                   "skip_missing": False, "data_fingerprint": "x"})
+    trials = {"trial-00001": (1e-3, 0.71, "FINISHED"), "trial-00002": (3e-3, 0.74, "FINISHED"),
+              "trial-00003": (1e-2, 0.90, "KILLED"), "trial-00004": (3e-4, 0.62, "FINISHED")}
+    for name, (lr, auc, status) in trials.items():
+        pruned = {"pruned": "true"} if status == "KILLED" else {}
+        run = client.create_run(sweep.experiment_id, run_name=name,
+                                tags={PARENT_RUN_TAG: sweep.parent_run_id, "trial_id": name, **pruned})
+        config = TrialConfig.from_dict({**CONFIG, "lr": lr, "epochs": 3})
+        client.log_batch(run.info.run_id, metrics=[Metric("val_auc_mean", auc, 0, 3)],
+                         params=[Param(k, str(v)) for k, v in config.to_dict().items()])
+        client.set_terminated(run.info.run_id, status=status)
+    sweep.end("FINISHED")
+    return {name: lr for name, (lr, _, _) in trials.items()}
+
+
+def test_from_sweep_averages_the_top_configs_by_validation(data_dir, final, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lrs = _write_sweep(uri, data_dir, (tmp_path / "mlartifacts").as_uri())
+    code, stdout, _ = run_cli("--from-sweep", "srch", "--ensemble", "2", "--epochs", "1",
+                              "--out", str(tmp_path / "out"), "--mlflow-uri", uri, "--registered-model", "ensemble",
+                              "--bootstrap", "20", "--gradcam-samples", "0", "--cache-dir", str(final["cache"]))
+    assert code == 0
+    assert "top 2 by validation mean AUC: trial-00002 (val AUC 0.740" in stdout
+    assert "differ from those the sweep chose its configs on (x)" in stdout     # the fixture records a fake fingerprint
+    members = json.loads((tmp_path / "out" / "members.json").read_text())
+    assert [m["config_label"] for m in members] == ["trial-00002", "trial-00001"]    # pruned trial-00003 left out
+    assert [m["config"]["lr"] for m in members] == [lrs["trial-00002"], lrs["trial-00001"]]
+    assert all(m["config"]["epochs"] == 1 for m in members)
+    saved = np.load(tmp_path / "out" / "test_predictions.npz")
+    np.testing.assert_allclose(saved["probs"], saved["probs_by_member"].mean(axis=0), atol=1e-6)
+    parent = MlflowClient(uri).get_run(MlflowClient(uri).search_model_versions("name = 'ensemble'")[0].run_id)
+    assert parent.data.tags["source_sweep"] == "srch"
+    assert parent.data.params["data"] == str(data_dir)          # no --data: the sweep's recorded data options
+    children = MlflowClient(uri).search_runs([parent.info.experiment_id],
+                                             filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["trial-00001-s0", "trial-00002-s0"]
+
+
+# --- pieces and bad input ---------------------------------------------------------------------------------------
+
+def test_localization_counts_boxes_that_contain_the_cam_peak(tmp_path, monkeypatch):
+    (tmp_path / "boxes.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+                                        "a.png,Infiltrate,512,0,512,512\n"      # top right quadrant
+                                        "b.png,Infiltrate,0,0,256,256\n"
+                                        "b.png,Mass,0,512,1024,512\n"
+                                        "b.png,Pneumonia,0,0,1024,1024\n"      # flat map: no peak, a miss
+                                        "c.png,Mass,0,0,10,10\n")               # not a test image: left out
+    boxes = read_bboxes(tmp_path / "boxes.csv")
+    assert set(boxes["finding"]) == {"Infiltration", "Mass", "Pneumonia"}
+    peaks = {("a.png", "Infiltration"): (10, 50), ("b.png", "Infiltration"): (40, 40), ("b.png", "Mass"): (60, 5)}
+    names = np.array(["a.png", "b.png"])
+
+    def fake_cams(model, images, demographics, findings):
+        cams = np.zeros((len(images), 64, 64))
+        for i, (image, k) in enumerate(zip(names[images[:, 0, 0]], findings)):
+            if (image, FINDINGS[k]) in peaks:
+                cams[i][peaks[image, FINDINGS[k]]] = 1.0
+        return cams
+    monkeypatch.setattr("dashboards.gradcam.grad_cams", fake_cams)
+    images = np.stack([np.full((64, 64), i, np.uint8) for i in range(len(names))])   # pixel value = row
+    table = localization_scores(None, images, names, np.zeros((2, 3), np.float32), boxes).set_index("finding")
+    assert table.loc["Infiltration", ["boxes", "hits"]].tolist() == [2, 1]       # a hit, b missed
+    assert table.loc["Mass", ["boxes", "hits"]].tolist() == [1, 1]
+    assert table.loc["Pneumonia", ["boxes", "hits"]].tolist() == [1, 0]
+    assert table.loc["Infiltration", "score"] == 0.5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "missing.json", "--data", "x"], "--config missing.json: cannot read it"),
+    (["--config", "{config}", "--data", "x", "--ensemble", "2"], "--ensemble needs --from-sweep"),
+    (["--config", "{config}"], "--data is required with --config"),
+    (["--config", "{bad}", "--data", "x"], "unknown config key(s) 'learning_rate'"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, args, message):
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 0.1}))
+    args = [a.format(config=tmp_path / "config.json", bad=tmp_path / "bad.json") for a in args]
+    code, _, stderr = run_cli(*args, "--out", str(tmp_path / "out"), "--mlflow-uri", f"sqlite:///{tmp_path / 'db'}")
+    assert code == 2
+    assert stderr.count("\n") == 1 and message in stderr
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason="real NIH reference files absent (../shared/reference/ relative to "
+                                                   "the repository)")
+def test_reads_the_real_nih_box_list_and_google_labels_and_copies_the_published_aucs():
+    boxes = read_bboxes(REFERENCE / "nih" / "BBox_List_2017.csv.gz")
+    assert len(boxes) == 984 and boxes["finding"].nunique() == 8 and "Infiltration" in set(boxes["finding"])
+    google = read_google_labels([REFERENCE / "nih" / "google2019_nih-chest-xray-labels.csv.gz"])
+    assert google["set"].value_counts().to_dict() == {"val": 2414, "test": 1962}
+    published, sources = load_published()
+    reference = pd.read_csv(REFERENCE / "published" / "per_class_auc.csv").set_index("finding")
+    pd.testing.assert_frame_equal(published, reference.loc[list(FINDINGS)], check_dtype=False)
+    assert set(sources.index) == set(published.columns)
