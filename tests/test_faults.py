@@ -1,0 +1,187 @@
+"""Fault injection on a real local Ray: a trial's worker process is SIGKILLed mid-training and a trial diverges,
+in one tiny ablation run as the user runs it (`python sweeps/run_ablation.py` in a subprocess), logged to the
+embedded MLflow store that the tests read back.
+
+Covered elsewhere, not repeated here:
+  driver killed mid-sweep, then --resume
+      tests/test_sweeps.py::test_killed_sweep_resumes_with_each_trial_once_in_mlflow
+  cache build killed mid-way, then rebuilt
+      tests/test_cache.py::test_killed_build_is_never_read_as_valid
+  same config and seed give identical metrics
+      tests/test_train.py::test_same_config_and_seed_give_identical_metrics
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from trainable.data.synthetic import generate
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--set", "backbone=test_resnet", "--set", "image_size=32", "--set", "pretrained=none",
+        "--set", "batch_size=16", "--cpus-per-trial", "1"]
+EPOCHS = 5                       # the worker is killed once epoch 2 is checkpointed: 3 epochs are left
+MAX_FAILURES = 2
+NAME = "faults"
+KILLED_TRIAL, DIVERGED_TRIAL = "baseline-s0", "diverge-s0"
+# SGD at an absurd learning rate: the loss is NaN/inf within the first steps (see test_train_loop).
+ARMS_FILE = "diverge: {optimizer: sgd, lr: 1.0e12, momentum: 0.9, factor: divergence}\n"
+TIMEOUT_S = 600
+
+pytestmark = pytest.mark.slow
+
+
+# --- finding the trial's worker process ------------------------------------------------------------------------
+
+def _descendants(root: int) -> list[int]:
+    """Every process below `root` (from /proc), so that only this test's own Ray is ever touched."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children[int(fields[1])].append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def _trial_workers(root: int, trial_name: str) -> list[int]:
+    """Ray worker processes running the function trainable of trial `trial_name`.
+
+    Tune names the actor process `ray::ImplicitFunc...` and makes the trial's own working folder (named by
+    sweeps.naming.tune_trial_dirname: `<arm>-s<seed>_<trial id>`) its current directory."""
+    pids = []
+    for pid in _descendants(root):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if command.startswith("ray::ImplicitFunc") and Path(cwd).name.startswith(f"{trial_name}_"):
+            pids.append(pid)
+    return pids
+
+
+# --- the sweep ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """baseline (its worker SIGKILLed once, after its epoch-2 checkpoint) and diverge (NaN loss), 1 seed each.
+
+    Returns (out folder, exit code, stdout, killed pid, path of the checkpoint seen before the kill)."""
+    root = tmp_path_factory.mktemp("faults")
+    data = generate(root / "data", patients=100, image_size=32, seed=2)
+    (root / "arms.yaml").write_text(ARMS_FILE)
+    out = root / "out"
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+           "CXR_CACHE_DIR": str(root / "cache"), "PYTHONUNBUFFERED": "1"}
+    # --address local: a Ray of its own, whose processes all descend from the driver (never another user's Ray)
+    command = [sys.executable, str(REPO / "sweeps" / "run_ablation.py"), "--data", str(data), "--out", str(out),
+               "--name", NAME, "--arms", "baseline,diverge", "--arms-file", str(root / "arms.yaml"), "--seeds", "1",
+               "--epochs", str(EPOCHS), "--max-failures", str(MAX_FAILURES), "--address", "local", *TINY]
+    with open(root / "stdout.txt", "w") as stdout, open(root / "stderr.txt", "w") as stderr:
+        driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        # Synchronous reporting: the trial computes epoch 2 only after the driver registered epoch 1's checkpoint,
+        # so once checkpoint_000001 is on the storage the trial has a checkpoint to resume from.
+        deadline = time.monotonic() + TIMEOUT_S
+        seen: list[str] = []
+        while not seen:
+            assert driver.poll() is None, "the sweep ended before its worker could be killed"
+            assert time.monotonic() < deadline, "no epoch-2 checkpoint in time"
+            seen = [str(p) for p in out.glob(f"{NAME}/{KILLED_TRIAL}_*/checkpoint_000001")]
+            time.sleep(0.05)
+        workers = _trial_workers(driver.pid, KILLED_TRIAL)
+        assert len(workers) == 1, f"expected one worker process of {KILLED_TRIAL}, found {workers}"
+        os.kill(workers[0], signal.SIGKILL)
+        code = driver.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    text = (root / "stdout.txt").read_text()
+    print(text[-5000:], (root / "stderr.txt").read_text()[-5000:], sep="\n")  # shown when a test fails
+    return out, code, text, workers[0], seen[0]
+
+
+def _runs(out: Path):
+    """(client, parent run, list of child runs): every run of the experiment, duplicates included."""
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(NAME).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    return client, parents[0], [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+
+
+def _child(children, name):
+    mine = [r for r in children if r.info.run_name == name]
+    assert len(mine) == 1, f"{name}: {len(mine)} child runs, expected exactly one"
+    return mine[0]
+
+
+def _results(out: Path, trial_name: str) -> list[dict]:
+    [folder] = out.glob(f"{NAME}/{trial_name}_*")
+    return [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()]
+
+
+def test_sweep_finishes_and_exits_1_because_one_trial_failed(sweep):
+    """The runner's documented code for 'finished, but some trial failed' is 1 (2 is bad input)."""
+    out, code, stdout, _, _ = sweep
+    assert code == 1
+    assert "1 trial(s) failed" in stdout and "AUC mean ± sd" in stdout
+    client, parent, children = _runs(out)
+    assert parent.info.status == "FINISHED" and parent.data.tags["failed_trials"] == "1"
+    assert sorted(r.info.run_name for r in children) == sorted([KILLED_TRIAL, DIVERGED_TRIAL])
+
+
+def test_killed_worker_resumes_from_its_checkpoint_in_the_same_mlflow_run(sweep):
+    out, _, _, killed, _ = sweep
+    client, _, children = _runs(out)
+    run = _child(children, KILLED_TRIAL)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags.get("retries") == "1"
+    assert "error" not in run.data.tags and "interrupted" not in run.data.tags
+    for key in ("val_auc_mean", "val_loss", "val_auc_Hernia"):
+        history = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert history == list(range(1, EPOCHS + 1)), key        # each epoch once: continued, not duplicated
+    # Tune's own record of what the trial reported: a second process took over and went on from a checkpoint,
+    # so epoch 1 (before any checkpoint) was never trained again.
+    results = _results(out, KILLED_TRIAL)
+    epochs = [r["epoch"] for r in results]
+    pids = list(dict.fromkeys(r["pid"] for r in results))
+    assert epochs.count(1) == 1 and epochs[-1] == EPOCHS and set(epochs) == set(range(1, EPOCHS + 1)), epochs
+    assert len(pids) == 2 and pids[0] == killed, (pids, killed)
+
+
+def test_diverged_trial_fails_with_the_reason_and_the_sweep_goes_on(sweep):
+    out, _, _, _, _ = sweep
+    client, _, children = _runs(out)
+    run = _child(children, DIVERGED_TRIAL)                     # retried MAX_FAILURES times, still one run
+    assert run.info.status == "FAILED"
+    assert re.search(r"TrialDiverged.*training loss became (nan|inf) at epoch 1", run.data.tags["error"]), \
+        run.data.tags["error"]
+    assert run.data.tags.get("retries") == str(MAX_FAILURES)
+    assert "error.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert client.get_metric_history(run.info.run_id, "val_auc_mean") == []
+    assert _child(children, KILLED_TRIAL).info.status == "FINISHED"
+
+
+def test_no_run_is_left_running(sweep):
+    out, _, _, _, _ = sweep
+    client, parent, children = _runs(out)
+    assert [r.info.run_name for r in [parent, *children] if r.info.status == "RUNNING"] == []
