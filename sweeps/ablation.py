@@ -12,6 +12,7 @@ from trainable.data.nih import PreparedData
 from trainable.errors import ConfigError
 from trainable.tune import ARM_KEY, TrialContext
 
+from .cluster import check_weight_files
 from .demo import ABLATION_DEMO
 from .naming import TrialDescriber
 from .report import SweepReport, fmt, fmt_mean_sd, format_table, mean_sd, outcomes
@@ -51,9 +52,9 @@ class Ablation:
         self.baseline = arms[BASELINE_ARM].config({}).to_dict()
         # --set and --epochs go over every arm's own keys: they set the budget and the quick-run size.
         self.overrides = {arm.name: {**arm.overrides, **sweep_overrides} for arm in self.arms}
-        for arm in self.arms:
-            build_config({**self.baseline, **self.overrides[arm.name]},
-                         source=f"{arm.source}: arm {arm.name!r} with --set/--epochs")
+        configs = [build_config({**self.baseline, **self.overrides[arm.name]},
+                                source=f"{arm.source}: arm {arm.name!r} with --set/--epochs") for arm in self.arms]
+        check_weight_files(configs)
         self.notes = [f"note: arm {arm.name!r} only changes {', '.join(sorted(arm.overrides))}, which --set fixes "
                       f"for every arm; it repeats the baseline" for arm in self.arms
                       if arm.name != BASELINE_ARM and arm.overrides and set(arm.overrides) <= set(sweep_overrides)]

@@ -27,7 +27,8 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, **quiet)
     else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env, **quiet)
+        # 'local': never join a cluster a `ray start` left recorded on this machine
+        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **quiet)
 
 
 def alive_nodes() -> list[dict]:
@@ -78,3 +79,14 @@ def _nodes_not_seeing(folder: Path, nodes: list[dict]) -> list[str]:
                 if not seen]
     finally:
         marker.unlink(missing_ok=True)
+
+
+def check_weight_files(configs) -> None:
+    """Load each distinct (backbone, local weights file) once on the driver: a file that does not fit would
+    otherwise fail every trial that uses it, each after its retries."""
+    from trainable.models import check_pretrained
+    seen = set()
+    for cfg in configs:
+        if (cfg.backbone, cfg.pretrained) not in seen:
+            seen.add((cfg.backbone, cfg.pretrained))
+            check_pretrained(cfg)

@@ -21,11 +21,20 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 1")
-    return value
+def _int_at_least(lowest: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= {lowest}")
+        return value
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)  # a negative --max-failures would make Tune retry a failing trial forever
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -65,9 +74,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     cluster.add_argument("--cpus-per-trial", type=non_negative_float, default=1.0, help="(default: %(default)s)")
     cluster.add_argument("--gpus-per-trial", type=non_negative_float, default=0.0,
                          help="fractions share a GPU, e.g. 0.25 runs four small trials per GPU (default: %(default)s)")
-    cluster.add_argument("--max-concurrent", type=int, default=0,
+    cluster.add_argument("--max-concurrent", type=non_negative_int, default=0,
                          help="at most this many trials at once (default: 0 = as many as resources allow)")
-    cluster.add_argument("--max-failures", type=int, default=1,
+    cluster.add_argument("--max-failures", type=non_negative_int, default=1,
                          help="retries of a trial whose worker died or raised, each from its last checkpoint "
                               "(default: %(default)s)")
 

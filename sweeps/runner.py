@@ -23,6 +23,7 @@ from ray.tune import CLIReporter
 from search_spaces import OPTUNA_SPACE_FILE
 from trainable.__main__ import data_spec
 from trainable.config import parse_overrides
+from trainable.data.cache import check_png_files
 from trainable.data.nih import PreparedData, prepare_dataset
 from trainable.errors import ConfigError, UserError
 from trainable.tune import TrialContext, run_trial
@@ -115,6 +116,7 @@ def prepare(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParse
         location.remove()
         shutil.rmtree(out / location.name, ignore_errors=True)
     data = prepare_dataset(data_spec(args), out / location.name)
+    check_png_files(data.frame["path"])
     if record is not None and record.data.get("fingerprint") != data.fingerprint:
         raise ConfigError(f"--resume {location.name}: the data changed since the sweep started (fingerprint "
                           f"{data.fingerprint}, recorded {record.data.get('fingerprint')})")

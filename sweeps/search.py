@@ -19,6 +19,7 @@ from trainable.data.nih import PreparedData
 from trainable.errors import ConfigError
 from trainable.tune import TrialContext
 
+from .cluster import check_weight_files
 from .demo import SEARCH_DEMO
 from .naming import TrialDescriber, trial_run_name
 from .report import METRIC, MODE, SweepReport, TrialOutcome, fmt, format_table, outcomes
@@ -122,7 +123,9 @@ class Search:
         self.notes = [f"note: --set fixes {', '.join(left_out)}: left out of the search"] if left_out else []
         self.progress_parameters = [p.name for p in self.space.params if not p.when][:PROGRESS_PARAMS]
         self.base = {**space.base_config().to_dict(), **sweep_overrides}
-        build_config(self.base, source=f"{space_file}: base_preset {space.base_preset!r} with --set")
+        base = build_config(self.base, source=f"{space_file}: base_preset {space.base_preset!r} with --set")
+        backbones = next((p.choices for p in self.space.params if p.name == "backbone" and p.choices), ())
+        check_weight_files([base, *(base.replace(backbone=name) for name in backbones)])
         self.args = args
 
     @property

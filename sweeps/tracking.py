@@ -27,7 +27,8 @@ RUN_NAME_TAG = "mlflow.runName"
 MAX_PARAM_CHARS = 6000
 
 _USERINFO = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
-_SECRET_QUERY = re.compile(r"(?i)([?&;](?:token|access_token|password|pwd|secret|key|sig|signature)=)[^&;\s]+")
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&;][\w.-]*(?:token|password|pwd|secret|key|sig|signature|credential)[\w.-]*=)[^&;\s]+")
 
 
 def mask_secrets(text: str) -> str:

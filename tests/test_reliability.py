@@ -236,9 +236,6 @@ def test_trial_cli_refuses_bad_data_naming_what_is_wrong(clean, tmp_path, capsys
         assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="trainable/__main__.py run() writes split.csv, split.json and config.json "
-                                       "before the trial builds its cache and model, and leaves them when that fails; "
-                                       "the same command then refuses the non-empty --out")
 @pytest.mark.parametrize("kind", [*IMAGE_CORRUPTIONS, "weights-of-another-backbone", "pickled-object-weights"])
 def test_trial_cli_writes_nothing_when_the_trial_cannot_start(clean, tmp_path, weights, kind):
     out = tmp_path / "out"
@@ -250,11 +247,7 @@ def test_trial_cli_writes_nothing_when_the_trial_cannot_start(clean, tmp_path, w
     assert not out.exists() or list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("kind", [pytest.param(kind, marks=pytest.mark.xfail(
-    strict=True, reason="sweeps/runner.py prepare() never opens the images: a zero-byte or non-PNG file is found "
-                        "by every trial on the cluster instead of before Ray starts"))
-    if kind in ("zero-byte-png", "jpeg-renamed-png") else kind
-    for kind in CORRUPTIONS if kind != "truncated-png"])
+@pytest.mark.parametrize("kind", [kind for kind in CORRUPTIONS if kind != "truncated-png"])
 def test_sweep_cli_refuses_bad_data_before_ray_starts(clean, tmp_path, sweep_out, capsys, no_ray, kind):
     data, extra, expected = corrupt(clean, tmp_path, kind)
     name = f"bad-{kind}"
@@ -287,8 +280,6 @@ def test_16_bit_and_rgba_pngs_train_and_skip_missing_drops_the_absent_image(odd_
     assert missing not in set(pd.read_csv(out / "split.csv")["image"])
 
 
-@pytest.mark.xfail(strict=True, reason="trainable/__main__.py run() prints the split sizes but not how many listed "
-                                       "images --skip-missing dropped (only split.json has it)")
 def test_skip_missing_says_how_many_images_it_dropped(odd_but_valid):
     _, _, stdout, _ = odd_but_valid
     assert re.search(r"(skipp|missing|not on disk)[^\n]*\b1\b|\b1\b[^\n]*(skipp|missing|not on disk)", stdout), stdout
@@ -332,8 +323,6 @@ def test_sweep_cli_refuses_out_of_range_options(clean, sweep_out, capsys, no_ray
     assert re.search(rf"error: argument {option}: '{re.escape(value)}' must be", capsys.readouterr().err)
 
 
-@pytest.mark.xfail(strict=True, reason="sweeps/options.py types --max-failures and --max-concurrent as any int; Tune "
-                                       "retries a failing trial forever when max_failures < 0")
 @pytest.mark.parametrize("option, value", [("--max-failures", "-3"), ("--max-concurrent", "-1")])
 def test_sweep_cli_refuses_negative_counts(clean, sweep_out, capsys, no_ray, option, value):
     with pytest.raises(SystemExit) as exit_:
@@ -378,8 +367,6 @@ def test_trial_cli_refuses_unusable_weights(clean, tmp_path, capsys, weights, ki
     assert not (out / "metrics.jsonl").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="only the trials build the model: a weights file that does not fit the "
-                                       "backbone fails every trial after Ray starts instead of the sweep before it")
 @pytest.mark.parametrize("kind", ["weights-of-another-backbone", "pickled-object-weights"])
 def test_sweep_cli_refuses_unusable_weights_before_ray_starts(clean, sweep_out, capsys, no_ray, weights, kind):
     assert run_sweep(clean, sweep_out, "bad-weights", "--set", f"pretrained={weights[kind]}") == 2
@@ -409,8 +396,6 @@ def test_resume_from_a_folder_without_a_checkpoint_is_refused(clean, tmp_path, c
     assert f"--resume {checkpoint}: no state.pt there" in error_line(capsys.readouterr().err)
 
 
-@pytest.mark.xfail(strict=True, reason="trainable/__main__.py _checkpoint_epoch and trainable/train.py _restore let "
-                                       "torch's UnpicklingError / ValueError escape as a traceback")
 @pytest.mark.parametrize("state, expected", [
     ({"progress": PROGRESS, "config": TINY_CONFIG.to_dict(), "payload": _Pickled()}, r"state\.pt.*weights_only"),
     ({"progress": PROGRESS, "config": TINY_CONFIG.replace(lr=0.5).to_dict(), "model": {}},
@@ -506,11 +491,8 @@ def test_a_password_in_the_tracking_uri_is_never_logged_or_printed(clean, tmp_pa
     "https://host/mlflow?token=s3cret",
     "https://host/?a=1&access_token=s3cret&b=2",
     "s3://AKIAEXAMPLE:s3cret@bucket/sweeps",
-    pytest.param("s3://bucket/sweeps?access_key=AKIAEXAMPLE&secret_key=s3cret", marks=pytest.mark.xfail(
-        strict=True, reason="sweeps/tracking.py _SECRET_QUERY only masks keys named exactly token/secret/key/...: "
-                            "pyarrow's S3 URI options secret_key and session_token pass through")),
-    pytest.param("s3://bucket/sweeps?session_token=s3cret", marks=pytest.mark.xfail(
-        strict=True, reason="see secret_key")),
+    "s3://bucket/sweeps?access_key=AKIAEXAMPLE&secret_key=s3cret",
+    "s3://bucket/sweeps?session_token=s3cret",
 ])
 def test_secrets_in_uris_are_masked(uri):
     masked = mask_secrets(uri)

@@ -57,6 +57,8 @@ def mlflow_runs(out: Path, experiment: str):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    names = [r.info.run_name for r in children]
+    assert len(names) == len(set(names)), names  # a duplicated or orphaned child run would hide in the dict
     return client, parents[0], {r.info.run_name: r for r in children}
 
 

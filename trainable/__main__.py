@@ -77,27 +77,50 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .data.nih import prepare_dataset
-    from .train import copy_checkpoint, train
+    from .models import check_pretrained
+    from .train import load_checkpoint
 
     cfg: TrialConfig = load_preset(args.preset).replace(**parse_overrides(args.set))
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+    fresh = not out.exists() or not any(out.iterdir())
+    if not fresh and not (args.overwrite or args.resume):
         raise UserError(f"--out {out} is not empty; pass --overwrite (or --resume) to write into it")
+    # Everything that can be checked without data comes first; then a failure before the first epoch removes
+    # what this run wrote, so fixing the input and re-running the same command just works.
+    if args.resume:
+        try:
+            resume_epoch = load_checkpoint(args.resume, cfg)["progress"]["next_epoch"] - 1
+        except UserError as err:
+            raise UserError(f"--resume {err}") from None
+    else:
+        check_pretrained(cfg)
+        resume_epoch = None
+    reported: list[int] = []
+    try:
+        _run_trial(args, cfg, out, resume_epoch, reported)
+    except UserError:
+        if fresh and not reported:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run_trial(args: argparse.Namespace, cfg: TrialConfig, out: Path, resume_epoch: int | None,
+               reported: list[int]) -> None:
+    from .data.nih import prepare_dataset
+    from .train import copy_checkpoint, train
+
     if args.overwrite and not args.resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    if args.resume and not (Path(args.resume) / "state.pt").is_file():
-        raise UserError(f"--resume {args.resume}: no state.pt there; expected a folder OUT/checkpoints/epoch_NNN")
-    # Data errors surface before anything is written into --out.
     data = prepare_dataset(data_spec(args), out)
     (out / "config.json").write_text(cfg.to_json())
     label = " (SYNTHETIC data)" if data.synthetic else ""
     print(f"data{label}: fingerprint {data.fingerprint}, split sizes {data.split_sizes()}")
+    if data.skipped_missing:
+        print(f"skipped {data.skipped_missing} image(s) listed in the CSV but not on disk (--skip-missing)")
 
     metrics_path = out / "metrics.jsonl"
-    if args.resume:  # keep the lines of epochs that the resumed run does not repeat
-        resume_epoch = _checkpoint_epoch(Path(args.resume))
+    if resume_epoch is not None:  # keep the lines of epochs that the resumed run does not repeat
         kept = [line for line in _read_lines(metrics_path) if json.loads(line)["epoch"] <= resume_epoch]
         metrics_path.write_text("".join(kept))
 
@@ -109,15 +132,11 @@ def run(args: argparse.Namespace) -> None:
             shutil.copyfile(checkpoint / name, out / name)
         with metrics_path.open("a") as stream:
             stream.write(json.dumps({"synthetic_data": data.synthetic, **metrics}) + "\n")
+        reported.append(metrics["epoch"])
         print(f"epoch {metrics['epoch']}: val_loss {metrics['val_loss']:.4f} "
               f"val_auc_mean {metrics['val_auc_mean']:.4f} val_f1_mean {metrics['val_f1_mean']:.4f}", flush=True)
 
     train(cfg, data, report, cache_dir=args.cache_dir, resume_from=args.resume)
-
-
-def _checkpoint_epoch(folder: Path) -> int:
-    import torch
-    return torch.load(folder / "state.pt", map_location="cpu", weights_only=True)["progress"]["next_epoch"] - 1
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -139,6 +139,15 @@ def create_backbone(cfg: Any) -> nn.Module:
     return _backbone_from_file(Path(cfg.pretrained), kwargs)
 
 
+def check_pretrained(cfg: Any) -> None:
+    """Fail now, naming the file, if cfg.pretrained is a weights file that does not load into cfg.backbone.
+
+    Run before any trial starts (the CLIs, the sweep drivers), so a wrong file does not fail every trial.
+    """
+    if cfg.pretrained not in ("none", "imagenet"):
+        create_backbone(cfg)
+
+
 def _backbone_from_file(path: Path, kwargs: dict[str, Any]) -> nn.Module:
     """Load a local weights file (air-gapped clusters) strictly: a file of another backbone is an error.
 

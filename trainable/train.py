@@ -24,7 +24,7 @@ from .data.cache import open_cache
 from .data.demographics import demographic_matrix
 from .data.loader import OVERSAMPLERS, BatchLoader
 from .data.nih import PreparedData
-from .errors import TrialDiverged
+from .errors import ConfigError, TrialDiverged, UserError
 from .findings import FINDINGS
 from .losses import LabelStats, create_loss
 from .metrics import epoch_metrics
@@ -218,12 +218,28 @@ def _write_checkpoint(model, optimizer, scheduler, progress: TrialProgress, cfg:
     return folder
 
 
-def _restore(folder: Path, model, optimizer, scheduler, cfg: TrialConfig) -> TrialProgress:
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    saved = TrialConfig.from_dict(state["config"])
+def load_checkpoint(folder: str | Path, cfg: TrialConfig) -> dict:
+    """A checkpoint's state, read with weights_only=True and checked to be `cfg`'s; a clear UserError otherwise."""
+    path = Path(folder) / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = TrialConfig.from_dict(state["config"])
+        TrialProgress(**state["progress"])
+    except FileNotFoundError:
+        raise UserError(f"{folder}: no {STATE_FILE} there; expected a checkpoint folder written by a trial "
+                        "(OUT/checkpoints/epoch_NNN)") from None
+    except Exception as err:  # noqa: BLE001 - whatever is wrong with the file, the user's remedy is the same
+        raise UserError(f"{path}: not a loadable checkpoint ({type(err).__name__}; read with weights_only=True, "
+                        "which refuses pickled objects other than tensors); expected a state.pt written by a trial"
+                        ) from None
     if saved != cfg:
         changed = sorted(k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v)
-        raise ValueError(f"{folder}: checkpoint was written with a different config (keys {', '.join(changed)})")
+        raise ConfigError(f"{path}: checkpoint was written with a different config (keys {', '.join(changed)})")
+    return state
+
+
+def _restore(folder: Path, model, optimizer, scheduler, cfg: TrialConfig) -> TrialProgress:
+    state = load_checkpoint(folder, cfg)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -109,6 +109,17 @@ def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
         raise DataError(f"{path}: corrupt or truncated PNG ({error})") from None
 
 
+def check_png_files(paths: Sequence[str], workers: int = 16) -> None:
+    """Raise DataError for the first path that is missing, empty or not a PNG (8 bytes read per file).
+
+    Run by a sweep's driver before Ray starts: a bad file found by the trials instead would fail every one of
+    them, with retries. A truncated PNG is only found when decoded, by the trial that builds the cache.
+    """
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # I/O bound: threads overlap the reads
+        for _ in pool.map(_check_png_signature, map(Path, paths)):
+            pass
+
+
 # --- cache files -------------------------------------------------------------------------------------------
 
 def _paths_hash(paths: Sequence[str]) -> str:

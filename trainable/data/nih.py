@@ -416,6 +416,7 @@ class PreparedData:
     fingerprint: str
     split_csv: Path
     synthetic: bool
+    skipped_missing: int = 0     # images listed in the CSV but absent on disk, dropped by --skip-missing
 
     def subset(self, split: str) -> pd.DataFrame:
         if split not in SPLITS:
@@ -452,7 +453,7 @@ def prepare_dataset(spec: DataSpec, out_dir: str | os.PathLike) -> PreparedData:
     check_no_patient_leak(frame)
     _check_splits_non_empty(frame, spec)
     frame = frame.sort_values("image", kind="stable").reset_index(drop=True)
-    prepared = PreparedData(frame, fingerprint(frame), Path(out_dir) / SPLIT_CSV, synthetic)
+    prepared = PreparedData(frame, fingerprint(frame), Path(out_dir) / SPLIT_CSV, synthetic, skipped)
     summary = {"fingerprint": prepared.fingerprint, "spec": spec.to_dict(), "sizes": prepared.split_sizes(),
                "synthetic": synthetic, "skipped_missing": skipped}
     write_atomically(prepared.split_csv, lambda tmp: frame.to_csv(tmp, index=False))
@@ -495,4 +496,5 @@ def load_prepared(split_csv: str | os.PathLike) -> PreparedData:
                             f"{summary.get('fingerprint')!r} in {json_path.name}; the split was edited after it was "
                             f"prepared; re-run data preparation")
         prepared.synthetic = bool(summary.get("synthetic", False))
+        prepared.skipped_missing = int(summary.get("skipped_missing", 0))
     return prepared
