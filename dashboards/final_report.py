@@ -40,10 +40,10 @@ SYNTHETIC_WARNING = ("**SYNTHETIC DATA**: this data set was generated (trainable
 # --- tables -----------------------------------------------------------------------------------------------------
 
 def evaluate_on_test(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, *, n_boot: int = 1000,
-                 seed: int = 0) -> pd.DataFrame:
-    """Per finding: AUC with its bootstrap 95% CI, and F1, sensitivity, specificity, PPV, NPV at the given
-    (validation-chosen) thresholds, ECE, the threshold, and the counts."""
-    low, high = bootstrap_auc_ci(labels, probs, n_boot=n_boot, seed=seed)
+                     seed: int = 0, patients: np.ndarray | None = None) -> pd.DataFrame:
+    """Per finding: AUC with its bootstrap 95% CI (patients resampled when given), and F1, sensitivity,
+    specificity, PPV, NPV at the given (validation-chosen) thresholds, ECE, the threshold, and the counts."""
+    low, high = bootstrap_auc_ci(labels, probs, n_boot=n_boot, seed=seed, groups=patients)
     at_threshold = pd.DataFrame(binary_report(labels, probs, thresholds)).T
     table = pd.DataFrame({"auc": per_class_auc(labels, probs), "auc_ci_low": low, "auc_ci_high": high,
                           "ece": expected_calibration_error(labels, probs)}, index=list(FINDINGS))
@@ -77,7 +77,9 @@ def google_auc(google: pd.DataFrame, names: np.ndarray, probs: np.ndarray, *, n_
         y = labelled[finding].to_numpy()[:, None]
         p = score(probs[row_of[labelled["image"]].to_numpy()])[:, None]
         auc = per_class_auc(y, p)[0] if len(y) else math.nan
-        low, high = bootstrap_auc_ci(y, p, n_boot=n_boot) if len(y) else ([math.nan], [math.nan])
+        patients = labelled["image"].str.split("_").str[0].to_numpy()  # NIH names: <patient>_<follow-up>.png
+        low, high = (bootstrap_auc_ci(y, p, n_boot=n_boot, groups=patients) if len(y)
+                     else ([math.nan], [math.nan]))
         rows.append({"finding": finding, "our_score": described, "images": len(y),
                      "positives": int(y.sum()), "auc": auc, "auc_ci_low": low[0], "auc_ci_high": high[0],
                      "sets": ",".join(sorted(labelled["set"].unique()))})
@@ -159,7 +161,8 @@ def write_report(out: Path, data: PreparedData, model: DeployedClassifier, conte
                         probs_by_member=np.stack(test_probs_by_member), members=np.array(context.member_names),
                         findings=findings)]
 
-    metrics = evaluate_on_test(labels, probs, thresholds, n_boot=context.n_boot)
+    metrics = evaluate_on_test(labels, probs, thresholds, n_boot=context.n_boot,
+                               patients=test_frame["patient_id"].to_numpy())
     members = member_metrics(context.member_names, context.member_labels, context.member_seeds,
                              context.selected_epochs, context.selected_values, labels, test_probs_by_member)
     files += [_write_csv(out / "test_metrics.csv", metrics, index=True), _write_csv(out / "members.csv", members)]

@@ -43,6 +43,9 @@ def check_resources(cpus_per_trial: float, gpus_per_trial: float) -> None:
         if wanted > largest:
             raise ConfigError(f"{flag} {wanted:g}: no node of this Ray cluster has that many {name}s "
                               f"(largest node: {largest:g} across {len(nodes)} node(s))")
+        if name == "GPU" and wanted == 0 and largest > 0:
+            print(f"warning: the cluster has GPUs but --gpus-per-trial is 0: trials train on CPUs "
+                  f"(e.g. --gpus-per-trial 1, or 0.5 to share a GPU between two small trials)", flush=True)
 
 
 def check_shared_storage(storage: str, storage_given: bool) -> None:

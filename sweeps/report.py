@@ -29,6 +29,10 @@ class TrialOutcome:
     def epoch(self) -> int:
         return int(self.metrics.get("epoch", 0))
 
+    def ran_full_budget(self, epochs: int) -> bool:
+        """Trained to the end: all `epochs`, or stopped by its own early_stop_patience (not by the scheduler)."""
+        return self.epoch >= epochs or self.value("early_stopped") == 1.0
+
     def value(self, key: str) -> float:
         value = self.metrics.get(key)
         return float(value) if isinstance(value, (int, float)) else math.nan

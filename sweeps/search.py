@@ -158,15 +158,15 @@ class Search:
         """Trials ranked by final val_auc_mean, full-budget trials first; the best full-budget one is the answer
         (a pruned trial's early value is not comparable with a trial trained to the end)."""
         trials = sorted((t for t in outcomes(results) if not t.failed),
-                        key=lambda t: (t.epoch >= epochs, t.value(METRIC)), reverse=True)
+                        key=lambda t: (t.ran_full_budget(epochs), t.value(METRIC)), reverse=True)
         failed = sum(t.failed for t in outcomes(results))
         searched = [p.name for p in self.space.params]
-        rows = [[_name(t), str(t.epoch), "" if t.epoch >= epochs else "pruned", fmt(t.value(METRIC)),
+        rows = [[_name(t), str(t.epoch), "" if t.ran_full_budget(epochs) else "pruned", fmt(t.value(METRIC)),
                  fmt(t.value("val_f1_mean")), _params(t, searched)] for t in trials[:TOP_TRIALS]]
-        lines = [title, f"{len(trials)} trial(s) ran, {sum(t.epoch < epochs for t in trials)} stopped early by "
+        lines = [title, f"{len(trials)} trial(s) ran, {sum(not t.ran_full_budget(epochs) for t in trials)} stopped early by "
                         f"ASHA, {failed} failed; top {min(TOP_TRIALS, len(trials))} by final val_auc_mean:", "",
                  format_table(["trial", "epochs", "", "AUC", "F1", "searched params"], rows, "lrlrrl"), ""]
-        full = [t for t in trials if t.epoch >= epochs]
+        full = [t for t in trials if t.ran_full_budget(epochs)]
         if not full:
             lines.append("no trial ran its full budget: no best config")
             return SweepReport(text="\n".join(lines), tags={"failed_trials": str(failed)}, files={})

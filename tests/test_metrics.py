@@ -96,3 +96,20 @@ def test_bootstrap_skips_single_label_resamples():
     assert np.isnan(low[1]) and np.isnan(high[1])  # never positive: no usable resample
     again = bootstrap_auc_ci(y, probs, n_boot=100, seed=0)
     np.testing.assert_array_equal(again[0][:1], low[:1])
+
+
+def test_bootstrap_over_patients_treats_a_patients_images_as_one_unit():
+    rng = np.random.default_rng(7)
+    labels = (rng.random((60, 3)) < 0.3).astype(float)
+    probs = np.clip(labels * 0.3 + rng.random((60, 3)) * 0.7, 0, 1)
+    # every image seen twice by the same patient: resampling patients must give the intervals of the
+    # single images (AUC does not change when every sample is doubled); resampling images would narrow them
+    doubled_labels, doubled_probs = np.repeat(labels, 2, axis=0), np.repeat(probs, 2, axis=0)
+    patients = np.repeat(np.arange(60), 2)
+    single = bootstrap_auc_ci(labels, probs, n_boot=200, seed=3)
+    grouped = bootstrap_auc_ci(doubled_labels, doubled_probs, n_boot=200, seed=3, groups=patients)
+    ungrouped = bootstrap_auc_ci(doubled_labels, doubled_probs, n_boot=200, seed=3)
+    np.testing.assert_allclose(grouped, single)
+    assert np.all(ungrouped[1] - ungrouped[0] < single[1] - single[0])
+    # one group per image is the plain image bootstrap
+    np.testing.assert_allclose(bootstrap_auc_ci(labels, probs, n_boot=200, seed=3, groups=np.arange(60)), single)

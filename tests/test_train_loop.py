@@ -73,6 +73,8 @@ def test_early_stopping_ends_the_trial_where_the_rule_says(prepared, cache_dir):
     expected_stop = next((e for e in range(1, 6) if aucs[e] <= max(aucs[:e])), 5) + 1
     assert len(reports) == expected_stop
     assert result.stopped_early == (expected_stop < 6)
+    # the flag that tells a sweep this trial ended itself (a scheduler's stop is not marked)
+    assert [m["early_stopped"] for m, _ in reports] == [0.0] * (expected_stop - 1) + [float(expected_stop < 6)]
     assert result.best_epoch == int(np.argmax(aucs)) + 1
 
 

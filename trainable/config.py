@@ -21,7 +21,7 @@ class TrialConfig:
     pretrained: str = "imagenet"          # none | imagenet | path to a local weights file
     head: str = "linear"                  # registry: trainable.models.HEADS
     head_dropout: float = 0.3             # dropout inside the cbam head's dense layers
-    drop_rate: float = 0.0                # timm classifier dropout of the backbone
+    drop_rate: float = 0.0                # dropout before the linear head's classifier (timm's drop_rate too)
     demographics: str = "none"            # registry: trainable.data.demographics.DEMOGRAPHICS
     # loss
     loss: str = "bce"                     # registry: trainable.losses.LOSSES

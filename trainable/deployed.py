@@ -1,10 +1,12 @@
 """The classifier as shipped (what final training registers in MLflow): raw pixels in, probabilities out.
 
-`DeployedClassifier(images, demographics)` takes grayscale uint8 images (B, 1, H, W) of any size and, where a
-member was trained with demographic inputs, a (B, 3) float matrix of `DEMOGRAPHIC_INPUTS` encoded as
-trainable.data.demographics does (age / 100, sex M = 1, view PA = 1). Each member resizes and normalises the
-images itself (the training's eval-mode BatchAugment), so members of different image sizes, backbones or
-demographic settings can be averaged. Output: (B, 14) mean probability over members, columns in FINDINGS order.
+`DeployedClassifier(images, demographics)` takes grayscale uint8 images (B, 1, S, S) and, where a member was
+trained with demographic inputs, a (B, 3) float matrix of `DEMOGRAPHIC_INPUTS` encoded as
+trainable.data.demographics.FEATURES does ((age - 46.6) / 16.6, sex M = +1 / F = -1, view PA = +1 / AP = -1).
+Feed images as trainable.data.cache.decode_image(path, S) decodes them, S = the members' image_size: that is
+the resampling the test metrics were measured with (other sizes are resized by the member's eval-mode
+BatchAugment with torch's antialiased bilinear, close to but not the same pixels). Members of different
+backbones or demographic settings can be averaged. Output: (B, 14) mean probability over members, columns in FINDINGS order.
 """
 from __future__ import annotations
 

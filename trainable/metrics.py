@@ -116,18 +116,23 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int 
 
 
 def bootstrap_auc_ci(y_true: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
-                     alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+                     alpha: float = 0.05, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Percentile (1 - alpha) CI of each class's AUC over images resampled with replacement.
 
+    With `groups` (e.g. patient ids) whole groups are resampled: a patient's follow-up images are not
+    independent, and resampling them one by one would make the interval too narrow.
     A resample in which a class has one label value is skipped for that class; a class with no usable
     resample gets NaN bounds.
     """
     y_true, probs = _binary(y_true), np.asarray(probs)
     count, classes = y_true.shape
     rng = np.random.default_rng(seed)
+    codes = np.unique(np.asarray(groups), return_inverse=True)[1] if groups is not None else np.arange(count)
+    members = np.split(np.argsort(codes, kind="stable"), np.cumsum(np.bincount(codes))[:-1])
     samples = np.full((n_boot, classes), np.nan)
     for b in range(n_boot):
-        index = rng.integers(0, count, count)
+        drawn = rng.integers(0, len(members), len(members))
+        index = np.concatenate([members[g] for g in drawn])
         samples[b] = per_class_auc(y_true[index], probs[index])
     low, high = np.full(classes, np.nan), np.full(classes, np.nan)
     for k in range(classes):

@@ -31,10 +31,14 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    # Every epoch's randomness derives from (seed, epoch) alone, so a run resumed at epoch k draws exactly
-    # what an uninterrupted run draws there, with no RNG state to carry across processes or devices.
-    return (seed * 1_000_003 + epoch) % (2**31 - 1)
+def epoch_seeds(seed: int, epoch: int) -> tuple[int, int]:
+    """(dropout seed, augmentation seed) of one epoch: two independent streams derived from (seed, epoch) alone.
+
+    A run resumed at epoch k then draws exactly what an uninterrupted run draws there, with no RNG state to
+    carry across processes or devices.
+    """
+    dropout, augmentation = np.random.SeedSequence([seed, epoch]).generate_state(2)
+    return int(dropout), int(augmentation)
 
 
 def seed_everything(seed: int) -> None:

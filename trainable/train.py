@@ -5,6 +5,7 @@ metrics, to `report`. Adapters (the CLI, trainable.tune) decide where reports an
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from .losses import LabelStats, create_loss
 from .metrics import epoch_metrics
 from .models import create_model, input_stats
 from .optim import create_optimizer, create_scheduler
-from .runtime import autocast, default_cache_dir, epoch_seed, pick_device, seed_everything
+from .runtime import autocast, default_cache_dir, epoch_seeds, pick_device, seed_everything
 
 STATE_FILE = "state.pt"
 PREDICTIONS_FILE = "val_predictions.npz"
@@ -105,13 +106,16 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
     for epoch in range(progress.next_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         train_loss, seen = _train_one_epoch(forward, augment, criterion, optimizer, train_loader, cfg, epoch, device)
+        train_seconds = time.perf_counter() - started
         val_loss, probs = predict_probs(forward, augment, val_loader, cfg, device, criterion)
         metrics, thresholds = epoch_metrics(val_split.labels, probs, val_loss=val_loss)
         scheduler.step(val_loss)
         progress.update(epoch, metrics["val_auc_mean"])
-        elapsed = time.perf_counter() - started
+        stop = progress.should_stop(cfg.early_stop_patience)
+        # early_stopped=1 on the last report of a trial that ended itself (schedulers' stops are not marked)
         metrics = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-                   "train_images_per_s": seen / elapsed, **metrics}
+                   "train_images_per_s": seen / train_seconds, "early_stopped": float(stop and epoch < cfg.epochs),
+                   **metrics}
         checkpoint = _write_checkpoint(model, optimizer, scheduler, progress, cfg, val_split, probs, thresholds)
         try:
             report(metrics, checkpoint)
@@ -119,7 +123,7 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
             shutil.rmtree(checkpoint, ignore_errors=True)
         result.history.append(metrics)
         result.best_epoch = progress.best_epoch
-        if progress.should_stop(cfg.early_stop_patience):
+        if stop:
             result.stopped_early = epoch < cfg.epochs
             break
     return result
@@ -134,27 +138,36 @@ CUDA_FINITE_CHECK_EVERY = 50
 def _train_one_epoch(model, augment, criterion, optimizer, loader, cfg, epoch, device) -> tuple[float, int]:
     model.train()
     augment.train()
-    torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout and friends
-    generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+    dropout_seed, augment_seed = epoch_seeds(cfg.seed, epoch)
+    torch.manual_seed(dropout_seed)  # dropout and friends
+    generator = torch.Generator().manual_seed(augment_seed)
     check_every = CUDA_FINITE_CHECK_EVERY if device.type == "cuda" else 1
     total, seen = torch.zeros((), device=device), 0
-    for step, batch in enumerate(loader.epoch(epoch)):
-        batch = batch.to(device)
-        images = augment(batch.images, generator)
-        if cfg.channels_last and device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(cfg.precision, device):
-            logits = model(images, batch.demographics)
-        loss = criterion(logits.float(), batch.labels)
-        if step % check_every == 0:
-            _check_finite(loss, epoch, step, optimizer, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach() * len(batch.labels)
-        seen += len(batch.labels)
+    # closing(): an exception mid-epoch stops the loader's prefetch thread now, not when garbage-collected
+    with contextlib.closing(loader.epoch(epoch)) as batches:
+        for step, batch in enumerate(batches):
+            batch = batch.to(device)
+            loss = _train_step(model, augment, criterion, optimizer, batch, generator, cfg, device)
+            if step % check_every == 0:
+                _check_finite(loss, epoch, step, optimizer, cfg)
+            total += loss.detach() * len(batch.labels)
+            seen += len(batch.labels)
     _check_finite(total, epoch, "end", optimizer, cfg)
     return total.item() / max(seen, 1), seen
+
+
+def _train_step(model, augment, criterion, optimizer, batch, generator, cfg, device) -> torch.Tensor:
+    """One optimisation step on a batch already on the device; returns its loss."""
+    images = augment(batch.images, generator)
+    if cfg.channels_last and device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(cfg.precision, device):
+        logits = model(images, batch.demographics)
+    loss = criterion(logits.float(), batch.labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, step, optimizer, cfg: TrialConfig) -> None:
@@ -209,7 +222,7 @@ def _write_checkpoint(model, optimizer, scheduler, progress: TrialProgress, cfg:
     folder = Path(tempfile.mkdtemp(prefix="cxr-checkpoint-"))
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "progress": vars(progress), "config": cfg.to_dict(),
-                # randomness is re-derived from (seed, epoch): see runtime.epoch_seed
+                # randomness is re-derived from (seed, epoch): see runtime.epoch_seeds
                 "rng": {"seed": cfg.seed, "next_epoch": progress.next_epoch}},
                folder / STATE_FILE)
     np.savez_compressed(folder / PREDICTIONS_FILE, images=val.names, labels=val.labels, probs=probs,
