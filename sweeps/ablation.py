@@ -102,8 +102,9 @@ class Ablation:
         table = format_table(["arm", "factor", "seeds", "AUC mean ± sd", "ΔAUC", "F1 mean ± sd", "ΔF1"], rows, "llrrrrr")
         lines = [title, f"validation metrics of the final epoch (budget {epochs}), mean ± sd over seeds; "
                         f"Δ = arm mean − baseline mean", "", table, "",
-                 "Single-split validation numbers without confidence intervals: the effect analysis (paired "
-                 "bootstrap over images, combined over seeds) is the ablation report in dashboards/."]
+                 "Single-split validation numbers without confidence intervals. The effect analysis (paired "
+                 "bootstrap over patients, combined over seeds, with verdicts per finding) is the ablation report:",
+                 "  python dashboards/ablation_report.py --sweep <sweep name above> --mlflow-uri <the URI below>"]
         if failed:
             lines.append(f"{failed} trial(s) failed and are left out; see their FAILED runs in MLflow.")
         csv = "\n".join(",".join(map(str, [name, s["factor"], s["n"], *s["auc"], *s["f1"]]))
