@@ -40,17 +40,19 @@ def test_epoch_metrics_names_and_nan_means():
     y, probs = fake_predictions()
     y[:, 13] = 0  # e.g. no Hernia in a small validation split
     metrics, thresholds = epoch_metrics(y, probs, val_loss=0.25)
-    expected = {"val_loss", "val_auc_mean", "val_f1_mean"} | {f"val_{m}_{f}" for m in ("auc", "f1") for f in FINDINGS}
+    expected = {"val_loss", "val_auc_mean", "val_f1_mean", "val_auc_findings"} | \
+        {f"val_{m}_{f}" for m in ("auc", "f1") for f in FINDINGS}
     assert set(metrics) == expected
     assert metrics["val_loss"] == 0.25
     assert np.isnan(metrics["val_auc_Hernia"])
+    assert metrics["val_auc_findings"] == 13  # the mean covers the 13 findings with a defined AUC
     auc = per_class_auc(y, probs)
     assert metrics["val_auc_mean"] == pytest.approx(np.mean(auc[:13]))
     assert metrics["val_auc_Atelectasis"] == pytest.approx(roc_auc_score(y[:, 0], probs[:, 0]))
     assert metrics["val_f1_mean"] == pytest.approx(np.mean(per_class_f1(y, probs, thresholds)))
     assert thresholds.shape == (14,)
     test_metrics, _ = epoch_metrics(y[:, :2], probs[:, :2], val_loss=1.0, findings=("A", "B"), prefix="test")
-    assert set(test_metrics) == {"test_loss", "test_auc_mean", "test_f1_mean",
+    assert set(test_metrics) == {"test_loss", "test_auc_mean", "test_f1_mean", "test_auc_findings",
                                  "test_auc_A", "test_auc_B", "test_f1_A", "test_f1_B"}
 
 

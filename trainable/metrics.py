@@ -56,7 +56,8 @@ def epoch_metrics(y_true: np.ndarray, probs: np.ndarray, *, val_loss: float, fin
     """The per-epoch metrics dict (MLflow names) and the F1 thresholds chosen on these same labels.
 
     Means are NaN-means over findings: a finding whose AUC is undefined (one label value in this split)
-    is left out of the mean instead of making it NaN.
+    is left out of the mean instead of making it NaN; `<prefix>_auc_findings` says how many the mean covers
+    (14 on any real validation split; fewer only on tiny ones).
     """
     if len(findings) != np.shape(y_true)[1]:
         raise ValueError(f"{len(findings)} finding names for {np.shape(y_true)[1]} label columns")
@@ -67,6 +68,7 @@ def epoch_metrics(y_true: np.ndarray, probs: np.ndarray, *, val_loss: float, fin
         f"{prefix}_loss": float(val_loss),
         f"{prefix}_auc_mean": _nanmean(auc),
         f"{prefix}_f1_mean": _nanmean(f1),
+        f"{prefix}_auc_findings": float(np.isfinite(auc).sum()),
     }
     metrics.update({f"{prefix}_auc_{name}": float(value) for name, value in zip(findings, auc)})
     metrics.update({f"{prefix}_f1_{name}": float(value) for name, value in zip(findings, f1)})
