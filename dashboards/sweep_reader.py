@@ -17,16 +17,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from sweeps.tracking import DB_FILE, PARENT_RUN_TAG, resolve_tracking_uri
+from trainable.checkpoint_files import PREDICTIONS_FILE, THRESHOLDS_FILE
 from trainable.errors import DataError, UserError
 
 from .effects import TrialPredictions
 
-# The file names trainable.train writes into every checkpoint (PREDICTIONS_FILE, THRESHOLDS_FILE); not imported
-# from there because that module pulls in torch and timm (tests check the names agree).
-PREDICTIONS_FILE = "val_predictions.npz"
-THRESHOLDS_FILE = "thresholds.json"
-PARENT_RUN_TAG = "mlflow.parentRunId"
-DEFAULT_STORE = Path("runs") / "mlflow.db"     # where the sweeps put the embedded store with their default --out
+DEFAULT_STORE = Path("runs") / DB_FILE     # where the sweeps put the embedded store with their default --out
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 FINISHED = "FINISHED"
 
@@ -80,13 +77,11 @@ class Sweep:
 
 
 def default_tracking_uri(cli_uri: str | None) -> str:
-    """--mlflow-uri, else MLFLOW_TRACKING_URI, else the SQLite store the sweeps write by default."""
-    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    if not DEFAULT_STORE.is_file():
+    """--mlflow-uri, else MLFLOW_TRACKING_URI, else the SQLite store the sweeps write by default (which must
+    exist: a report on an empty new store would say nothing useful)."""
+    if not (cli_uri or os.environ.get("MLFLOW_TRACKING_URI")) and not DEFAULT_STORE.is_file():
         raise UserError(f"no MLflow store at {DEFAULT_STORE} (the sweeps' default); pass --mlflow-uri")
-    return f"sqlite:///{DEFAULT_STORE.resolve().as_posix()}"
+    return resolve_tracking_uri(cli_uri, DEFAULT_STORE.parent)
 
 
 def connect(uri: str):

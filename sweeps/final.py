@@ -17,13 +17,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from trainable.checkpoint_files import PREDICTIONS_FILE, STATE_FILE
 from trainable.config import TrialConfig
 from trainable.data.nih import PreparedData
 from trainable.deployed import DeployedClassifier, MemberClassifier
 from trainable.evaluate import build_model, predict
 from trainable.findings import FINDINGS
 from trainable.metrics import choose_thresholds
-from trainable.train import PREDICTIONS_FILE, STATE_FILE, train
+from trainable.train import train
 
 SELECTION_METRIC = "val_auc_mean"
 

@@ -25,7 +25,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS, DONE, TRAINING_ITERATION
 
-from trainable.train import PREDICTIONS_FILE, THRESHOLDS_FILE
+from trainable.checkpoint_files import PREDICTIONS_FILE, THRESHOLDS_FILE
 
 from .naming import TrialDescriber, trial_run_name
 from .tracking import PARENT_RUN_TAG

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .checkpoint_files import PREDICTIONS_FILE, STATE_FILE, THRESHOLDS_FILE
 from .config import TrialConfig
 from .data.augment import BatchAugment
 from .data.cache import open_cache
@@ -33,9 +34,6 @@ from .models import create_model, input_stats
 from .optim import create_optimizer, create_scheduler
 from .runtime import autocast, default_cache_dir, epoch_seeds, pick_device, seed_everything
 
-STATE_FILE = "state.pt"
-PREDICTIONS_FILE = "val_predictions.npz"
-THRESHOLDS_FILE = "thresholds.json"
 
 Report = Callable[[dict, Path], None]
 
