@@ -24,6 +24,7 @@ if __name__ == "__main__":
 import pandas as pd  # noqa: E402
 
 from search_spaces import BASELINE_ARM  # noqa: E402
+from trainable.data.nih import write_atomically  # noqa: E402
 from trainable.errors import UserError  # noqa: E402
 
 from dashboards import effects as fx  # noqa: E402
@@ -103,14 +104,14 @@ def ablation_report(client, sweep: Sweep, out: Path, args: argparse.Namespace) -
     factors = {arm: runs[0].tags.get("factor", arm) for arm, runs in trials.items()}
     table.insert(1, "factor", table["arm"].map(factors))
     files = [out / EFFECTS_CSV]
-    table.to_csv(files[0], index=False)
+    write_atomically(files[0], lambda tmp: table.to_csv(tmp, index=False))
 
     figures = {"forest_mean_auc.png": plots.forest_plot(table, "auc", confidence=args.confidence),
                "heatmap_auc.png": plots.effect_heatmap(table, "auc"),
                "heatmap_f1.png": plots.effect_heatmap(table, "f1")}
     pngs = {name: plots.png_bytes(fig) for name, fig in figures.items()}
     for name, png in pngs.items():
-        (out / name).write_bytes(png)
+        write_atomically(out / name, lambda tmp: tmp.write_bytes(png))
         files.append(out / name)
     files.append(_ablation_html(sweep, table, pngs, args).write(out / REPORT_HTML))
     return files, _ablation_summary(sweep, table, args)
@@ -213,7 +214,7 @@ def search_report(sweep: Sweep, out: Path) -> tuple[list[Path], str]:
                             f"rest); read them as hints")
         directions = imp.factor_directions(finished, space)
         for name, frame in (("importance.csv", importances), ("factor_directions.csv", directions)):
-            frame.to_csv(out / name, index=False)
+            write_atomically(out / name, lambda tmp: frame.to_csv(tmp, index=False))
             files.append(out / name)
         mean_importance = importances[importances["target"] == fx.MEAN].drop(columns="target")
         lines += ["", "importance for mean AUC (PED-ANOVA, full-budget trials; noise floor = 95th percentile of the "
@@ -228,7 +229,7 @@ def search_report(sweep: Sweep, out: Path) -> tuple[list[Path], str]:
         report.table(mean_importance, float_format="{:.4f}")
         if len(importances):
             png = plots.png_bytes(plots.importance_plot(importances))
-            (out / "importance.png").write_bytes(png)
+            write_atomically(out / "importance.png", lambda tmp: tmp.write_bytes(png))
             files.append(out / "importance.png")
             report.heading("Importance per finding").figure(png, "factor importance per finding")
         report.items(notes)

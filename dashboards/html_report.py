@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from trainable.data.nih import write_text_atomically
+
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
@@ -71,7 +73,7 @@ class HtmlReport:
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(self.render(), encoding="utf-8")
+        write_text_atomically(path, self.render())
         return path
 
 

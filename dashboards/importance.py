@@ -29,6 +29,7 @@ import yaml
 
 from search_spaces import BASELINE_ARM, OPTUNA_SPACE_FILE, SearchParam, SearchSpace, load_arms, load_optuna_space
 from trainable.config import TrialConfig, coerce
+from trainable.data.nih import write_text_atomically
 from trainable.errors import UserError
 from trainable.findings import FINDINGS
 
@@ -213,8 +214,8 @@ def rerun_arms(top: Sequence[TrialRun], fixed: Iterable[str]) -> dict[str, dict[
 def write_rerun_arms(arms: Mapping[str, Mapping[str, Any]], top: Sequence[TrialRun], path: Path) -> Path:
     header = "".join(f"# search_top{rank}: trial {t.name} (run {t.run_id}), final {OBJECTIVE} "
                      f"{t.metrics[OBJECTIVE]:.4f} at full budget, one seed\n" for rank, t in enumerate(top, start=1))
-    path.write_text("# Re-run these at full budget with several seeds before claiming anything.\n" + header
-                    + yaml.safe_dump(dict(arms), sort_keys=False))
+    write_text_atomically(path, "# Re-run these at full budget with several seeds before claiming anything.\n"
+                          + header + yaml.safe_dump(dict(arms), sort_keys=False))
     return path
 
 

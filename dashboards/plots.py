@@ -12,6 +12,7 @@ import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from trainable.data.nih import write_atomically
 from trainable.findings import FINDINGS
 
 from .effects import HELPS, HURTS, MEAN
@@ -91,5 +92,6 @@ def png_bytes(fig: Figure) -> bytes:
 
 def save_png(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.write_bytes(png_bytes(fig))
+    png = png_bytes(fig)
+    write_atomically(path, lambda tmp: tmp.write_bytes(png))
     return path
