@@ -106,14 +106,14 @@ def run(args: argparse.Namespace) -> None:
 
 def _run_trial(args: argparse.Namespace, cfg: TrialConfig, out: Path, resume_epoch: int | None,
                reported: list[int]) -> None:
-    from .data.nih import prepare_dataset
+    from .data.nih import prepare_dataset, write_text_atomically
     from .train import copy_checkpoint, train
 
     if args.overwrite and not args.resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     data = prepare_dataset(data_spec(args), out)
-    (out / "config.json").write_text(cfg.to_json())
+    write_text_atomically(out / "config.json", cfg.to_json())
     label = " (SYNTHETIC data)" if data.synthetic else ""
     print(f"data{label}: fingerprint {data.fingerprint}, split sizes {data.split_sizes()}")
     if data.skipped_missing:
@@ -122,7 +122,7 @@ def _run_trial(args: argparse.Namespace, cfg: TrialConfig, out: Path, resume_epo
     metrics_path = out / "metrics.jsonl"
     if resume_epoch is not None:  # keep the lines of epochs that the resumed run does not repeat
         kept = [line for line in _read_lines(metrics_path) if json.loads(line)["epoch"] <= resume_epoch]
-        metrics_path.write_text("".join(kept))
+        write_text_atomically(metrics_path, "".join(kept))
 
     def report(metrics: dict, checkpoint: Path) -> None:
         destination = out / "checkpoints" / f"epoch_{metrics['epoch']:03d}"
