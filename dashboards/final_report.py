@@ -210,7 +210,7 @@ def _write_gradcam(out: Path, model: DeployedClassifier, data: PreparedData, con
     names = test_frame["image"].to_numpy(str)
     images = SplitArrays.load(data, "test", image_config,
                               Path(context.cache_dir) if context.cache_dir else default_cache_dir()).images
-    demographics = demographic_inputs(test_frame)
+    demographics = demographic_inputs(test_frame, data.train_age_mean())
     files = write_overlays(model, images, names, demographics, labels, probs, out / "gradcam",
                            per_finding=context.gradcam_per_finding, boxes=boxes, synthetic=data.synthetic)
     if boxes is None:

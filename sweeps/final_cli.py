@@ -203,6 +203,8 @@ def _print_header(data: PreparedData, source: str, specs: list[MemberSpec], bbox
     label = "SYNTHETIC data (generated, not NIH)" if data.synthetic else "NIH ChestX-ray14"
     sizes = {name: size["images"] for name, size in data.split_sizes().items()}
     print(f"final training: {label}, fingerprint {data.fingerprint}, split sizes {sizes} images", flush=True)
+    for note in data.notes():
+        print(note, flush=True)
     print(f"configs from {source}", flush=True)
     print(f"members: {', '.join(s.name for s in specs)} ({specs[0].config.epochs} epochs each)", flush=True)
     print(f"localization boxes: {bbox_csv or 'none found'}; Google 2019 labels: "

@@ -29,9 +29,9 @@ from .tracking import PARENT_RUN_TAG, SweepRun
 
 MODEL_NAME = "model"
 MODEL_INPUT = ("uint8 grayscale images (B, 1, S, S) decoded as trainable.data.cache.decode_image(path, S) does, "
-               "S = the members' image_size; demographics (B, 3) encoded as trainable.data.demographics.FEATURES: "
-               "(age - 46.6) / 16.6, sex M=+1 F=-1, view PA=+1 AP=-1 (needed only by members trained with "
-               "demographic inputs)")
+               "S = the members' image_size; demographics (B, 4) encoded as trainable.data.demographics.FEATURES: "
+               "(age - 46.6) / 16.6 (an unknown age replaced by the training split's mean), age_missing 1/0, "
+               "sex M=+1 F=-1, view PA=+1 AP=-1 (needed only by members trained with demographic inputs)")
 MODEL_OUTPUT = "(B, 14) probabilities, columns in `findings` order"
 # What the logged model needs to be loaded (its code travels with it through code_paths).
 MODEL_REQUIREMENTS = ("torch", "timm", "numpy", "pandas")

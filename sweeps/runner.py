@@ -169,6 +169,8 @@ def run(sweep: Sweep) -> int:
     label = "SYNTHETIC data (generated, not NIH)" if sweep.data.synthetic else "NIH ChestX-ray14"
     print(f"{sweep.plan.kind} {sweep.location.name!r}: {label}, fingerprint {sweep.data.fingerprint}, "
           f"images per split {sizes}", flush=True)
+    for note in sweep.data.notes():
+        print(note, flush=True)
     start_ray(sweep.args.address)
     try:
         check_shared_storage(sweep.location.storage, storage_given=sweep.args.storage is not None)

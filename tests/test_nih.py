@@ -87,7 +87,7 @@ def test_both_csv_variants_and_both_layouts_load_identically(tmp_path):
     assert all(Path(path).is_absolute() and Path(path).is_file() for path in reference["path"])
     for frame in frames.values():
         pd.testing.assert_frame_equal(frame.drop(columns="path"), reference.drop(columns="path"))
-        assert frame.attrs == {"synthetic": True, "skipped_missing": 0}
+        assert frame.attrs == {"synthetic": True, "skipped_missing": 0, "unknown_ages": nih.UnknownAges()}
 
 
 def test_2017_header_with_trailing_commas_and_age_units(tmp_path):
@@ -106,7 +106,32 @@ def test_age_units_parse_to_years(tmp_path, text, years):
     assert parse_entries(write_csv(tmp_path, [row(age=text)]))["age"].iloc[0] == pytest.approx(years)
 
 
-@pytest.mark.parametrize("text", ["abc", "121", "-5", "58X", "413Y", "5.5.5"])
+def test_2017_csv_with_impossible_ages_loads_them_as_unknown_and_counts_them(tmp_path):
+    """The 2017 release as NIH and Kaggle ship it has a few ages of 148 … 414 years: unknown, not fatal."""
+    header = HEADER_V2020 + ","
+    ages = ["058Y", "148Y", "040Y", "414Y", "121"]
+    rows = [row(f"{i:08d}_000.png", patient=str(i), age=age) + "," for i, age in enumerate(ages, start=1)]
+    folder = write_dataset(tmp_path / "nih", rows, header=header, csv_name="Data_Entry_2017.csv")
+    meta = load_metadata(folder)
+    assert meta["age"].iloc[[0, 2]].tolist() == [58.0, 40.0] and meta["age"].iloc[[1, 3, 4]].isna().all()
+    unknown = meta.attrs["unknown_ages"]
+    assert (unknown.count, unknown.first_image, unknown.first_value) == (3, "00000002_000.png", "148Y")
+    note = unknown.note()
+    assert "3 image(s)" in note and "00000002_000.png" in note and "'148Y'" in note and "\n" not in note
+    # the count travels into split.json, back through load_prepared, and into the notes a CLI prints
+    prepared = prepare_dataset(DataSpec(str(folder), split="patient", val_fraction=0.2, test_fraction=0.2), tmp_path)
+    summary = json.loads((tmp_path / "split.json").read_text())
+    assert summary["unknown_ages"] == {"count": 3, "first_image": "00000002_000.png", "first_value": "148Y"}
+    assert prepared.notes() == [note] and load_prepared(prepared.split_csv).notes() == [note]
+    assert load_prepared(prepared.split_csv).frame["age"].isna().sum() == 3
+
+
+def test_possible_ages_leave_nothing_to_report(tmp_path):
+    assert parse_entries(write_csv(tmp_path, [row(age="120"), row("00000002_000.png", patient="2", age="0")])
+                         ).attrs["unknown_ages"].note() is None
+
+
+@pytest.mark.parametrize("text", ["abc", "", "-5", "58X", "5.5.5", "1e3"])
 def test_bad_ages_name_csv_image_value_and_count(tmp_path, text):
     rows = [row("00000001_000.png", age="40"), row("00000002_000.png", patient="2", age=text),
             row("00000003_000.png", patient="3", age=text)]
@@ -185,7 +210,7 @@ def test_missing_images_raise_unless_skipped(tmp_path):
         load_metadata(folder)
     meta = load_metadata(folder, skip_missing=True)
     assert meta["image"].tolist() == ["00000001_000.png", "00000002_000.png", "00000005_000.png"]
-    assert meta.attrs == {"synthetic": False, "skipped_missing": 2}
+    assert meta.attrs == {"synthetic": False, "skipped_missing": 2, "unknown_ages": nih.UnknownAges()}
 
 
 def test_no_image_at_all_is_an_error_even_when_skipping(tmp_path):
@@ -392,3 +417,22 @@ def test_real_nih_csv_parses_with_the_published_counts(tmp_path):
     assert fractions["test"] == pytest.approx(0.2, abs=0.005) and fractions["val"] == pytest.approx(0.1, abs=0.005)
     share = frame.groupby("split")[list(FINDINGS)].sum() / pd.Series(README_LABEL_COUNTS)
     assert (share.loc["test"] - 0.2).abs().max() < 0.03 and (share.loc["val"] - 0.1).abs().max() < 0.03  # even Hernia
+
+
+@pytest.mark.skipif(not REAL_CSV.is_file(), reason=f"real NIH metadata not present at {REAL_CSV.name} "
+                                                  "(../shared/reference/nih/ relative to the repository)")
+def test_real_metadata_in_the_2017_format_with_its_impossible_ages_loads(tmp_path):
+    """The real rows written as the 2017 release ships them (`058Y` ages, a trailing comma) with 16 ages over 120,
+    as in the original file: every image loads, the 16 ages are unknown and counted."""
+    raw = pd.read_csv(REAL_CSV, dtype=str)
+    impossible = raw.sample(16, random_state=0).index
+    raw["Patient Age"] = raw["Patient Age"].astype(int).map("{:03d}Y".format)
+    raw.loc[impossible, "Patient Age"] = [f"{age}Y" for age in np.linspace(148, 414, 16).astype(int)]
+    raw[""] = ""                                   # the trailing comma of every 2017 line
+    csv_path = tmp_path / "Data_Entry_2017.csv"
+    raw.to_csv(csv_path, index=False)
+    entries = parse_entries(csv_path)
+    assert len(entries) == 112_120 and entries["age"].isna().sum() == 16
+    assert entries.attrs["unknown_ages"].count == 16
+    assert entries.attrs["unknown_ages"].first_image == raw.loc[sorted(impossible)[0], "Image Index"]
+    assert entries["age"].max() <= 120 and entries[list(FINDINGS)].sum().to_dict() == README_LABEL_COUNTS

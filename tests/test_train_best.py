@@ -136,7 +136,7 @@ def test_registers_a_model_that_loads_back_and_predicts_as_evaluated(final, data
     images = SplitArrays.load(data, "test", TrialConfig.from_dict(CONFIG), final["cache"]).images
     with torch.no_grad():
         probs = model(torch.from_numpy(np.array(images))[:, None],
-                      torch.from_numpy(demographic_inputs(data.subset("test")))).numpy()
+                      torch.from_numpy(demographic_inputs(data.subset("test"), data.train_age_mean()))).numpy()
     saved = np.load(final["out"] / "test_predictions.npz")
     np.testing.assert_allclose(probs, saved["probs"], atol=1e-5)
 

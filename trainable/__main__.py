@@ -116,8 +116,8 @@ def _run_trial(args: argparse.Namespace, cfg: TrialConfig, out: Path, resume_epo
     write_text_atomically(out / "config.json", cfg.to_json())
     label = " (SYNTHETIC data)" if data.synthetic else ""
     print(f"data{label}: fingerprint {data.fingerprint}, split sizes {data.split_sizes()}")
-    if data.skipped_missing:
-        print(f"skipped {data.skipped_missing} image(s) listed in the CSV but not on disk (--skip-missing)")
+    for note in data.notes():
+        print(note)
 
     metrics_path = out / "metrics.jsonl"
     if resume_epoch is not None:  # keep the lines of epochs that the resumed run does not repeat

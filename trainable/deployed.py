@@ -1,8 +1,9 @@
 """The classifier as shipped (what final training registers in MLflow): raw pixels in, probabilities out.
 
 `DeployedClassifier(images, demographics)` takes grayscale uint8 images (B, 1, S, S) and, where a member was
-trained with demographic inputs, a (B, 3) float matrix of `DEMOGRAPHIC_INPUTS` encoded as
-trainable.data.demographics.FEATURES does ((age - 46.6) / 16.6, sex M = +1 / F = -1, view PA = +1 / AP = -1).
+trained with demographic inputs, a (B, 4) float matrix of `DEMOGRAPHIC_INPUTS` encoded as
+trainable.data.demographics.FEATURES does ((age - 46.6) / 16.6 with an unknown age replaced by the training
+split's mean, age_missing 1 / 0, sex M = +1 / F = -1, view PA = +1 / AP = -1).
 Feed images as trainable.data.cache.decode_image(path, S) decodes them, S = the members' image_size: that is
 the resampling the test metrics were measured with (other sizes are resized by the member's eval-mode
 BatchAugment with torch's antialiased bilinear, close to but not the same pixels). Members of different
@@ -27,9 +28,10 @@ DEMOGRAPHICS_ALL = "age_sex_view"
 DEMOGRAPHIC_INPUTS: tuple[str, ...] = DEMOGRAPHICS[DEMOGRAPHICS_ALL]   # the widest setting; members pick columns
 
 
-def demographic_inputs(frame: pd.DataFrame) -> np.ndarray:
-    """(N, 3) float32 DEMOGRAPHIC_INPUTS of a metadata table (PreparedData.subset)."""
-    return demographic_matrix(frame, DEMOGRAPHICS_ALL)
+def demographic_inputs(frame: pd.DataFrame, age_fill: float) -> np.ndarray:
+    """(N, 4) float32 DEMOGRAPHIC_INPUTS of a metadata table (PreparedData.subset); `age_fill` replaces an
+    unknown age (PreparedData.train_age_mean, as in training)."""
+    return demographic_matrix(frame, DEMOGRAPHICS_ALL, age_fill=age_fill)
 
 
 class MemberClassifier(nn.Module):

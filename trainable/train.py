@@ -51,7 +51,8 @@ class SplitArrays:
         frame = data.subset(split)
         images = open_cache(frame["path"].tolist(), image_size=cfg.image_size, cache_dir=cache_dir,
                             key=f"{data.fingerprint}-{split}")
-        return cls(images=images, labels=data.labels(split), demographics=demographic_matrix(frame, cfg.demographics),
+        demographics = demographic_matrix(frame, cfg.demographics, age_fill=data.train_age_mean())
+        return cls(images=images, labels=data.labels(split), demographics=demographics,
                    names=frame["image"].to_numpy(str))
 
 

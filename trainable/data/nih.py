@@ -42,6 +42,28 @@ LABELS_COLUMN = "Finding Labels"
 META_COLUMNS = ("image", "path", "patient_id", "follow_up", "age", "sex", "view", *FINDINGS)
 
 
+@dataclass(frozen=True)
+class UnknownAges:
+    """Ages outside 0-120 years in the CSV, loaded as unknown (NaN): how many, and the first one."""
+    count: int = 0
+    first_image: str | None = None
+    first_value: str | None = None
+
+    @classmethod
+    def of(cls, images: pd.Series, values: pd.Series, impossible: pd.Series) -> "UnknownAges":
+        if not impossible.any():
+            return cls()
+        first = int(np.argmax(impossible.to_numpy()))
+        return cls(int(impossible.sum()), str(images.iloc[first]), str(values.iloc[first]))
+
+    def note(self) -> str | None:
+        """The one line a CLI prints, or None when every age was possible."""
+        if not self.count:
+            return None
+        return (f"{self.count} image(s) with an age outside 0-{MAX_AGE_YEARS:g} years (first {self.first_image}: "
+                f"{self.first_value!r}) loaded with the age unknown; demographic inputs impute it")
+
+
 # --- parsing the Data_Entry CSV ---------------------------------------------------------------------------
 
 def _non_negative_int(values: pd.Series) -> pd.Series:
@@ -50,9 +72,10 @@ def _non_negative_int(values: pd.Series) -> pd.Series:
 
 
 def _age_years(values: pd.Series) -> pd.Series:
+    """Years; NaN for text that is no age at all. A well-formed age outside 0-120 (the 2017 release has a few,
+    148 … 414) stays a number here: `parse_entries` turns it into an unknown age and counts it."""
     parts = values.str.upper().str.extract(AGE_PATTERN)
-    years = pd.to_numeric(parts["number"]) * parts["unit"].map(AGE_UNIT_YEARS)
-    return years.where(years.between(0, MAX_AGE_YEARS))
+    return pd.to_numeric(parts["number"]) * parts["unit"].map(AGE_UNIT_YEARS)
 
 
 def _one_of(valid: tuple[str, ...], values: pd.Series) -> pd.Series:
@@ -64,7 +87,7 @@ def _one_of(valid: tuple[str, ...], values: pd.Series) -> pd.Series:
 FIELD_PARSERS: dict[str, tuple[str, Callable[[pd.Series], pd.Series], str]] = {
     "Patient ID": ("patient_id", _non_negative_int, "a non-negative integer"),
     "Follow-up #": ("follow_up", _non_negative_int, "a non-negative integer"),
-    "Patient Age": ("age", _age_years, f"an age of 0-{MAX_AGE_YEARS:g} years such as 58, 058Y, 005M or 010D"),
+    "Patient Age": ("age", _age_years, "an age such as 58, 058Y, 005M or 010D"),
     "Patient Gender": ("sex", partial(_one_of, SEXES), "M or F"),
     "View Position": ("view", partial(_one_of, VIEWS), "PA or AP"),
 }
@@ -142,8 +165,12 @@ def parse_entries(csv_path: str | os.PathLike) -> pd.DataFrame:
         parsed = parse(raw[column])
         _reject_rows(csv_path, column, parsed.isna(), raw[column], images, expected)
         table[name] = parsed
+    impossible = ~table["age"].between(0, MAX_AGE_YEARS)
+    table["age"] = table["age"].where(~impossible)
     table = table.astype({"patient_id": np.int64, "follow_up": np.int64, "age": np.float64, "sex": str, "view": str})
-    return pd.concat([table, _label_matrix(csv_path, raw[LABELS_COLUMN], images)], axis=1)
+    entries = pd.concat([table, _label_matrix(csv_path, raw[LABELS_COLUMN], images)], axis=1)
+    entries.attrs["unknown_ages"] = UnknownAges.of(images, raw["Patient Age"], impossible)
+    return entries
 
 
 # --- locating files ---------------------------------------------------------------------------------------
@@ -183,7 +210,7 @@ def scan_images(data_dir: str | os.PathLike) -> dict[str, str]:
 
 
 def load_metadata(data_dir: str | os.PathLike, *, skip_missing: bool = False) -> pd.DataFrame:
-    """One row per image on disk: META_COLUMNS. attrs: `synthetic`, `skipped_missing`."""
+    """One row per image on disk: META_COLUMNS. attrs: `synthetic`, `skipped_missing`, `unknown_ages` (of the CSV)."""
     data_dir = Path(data_dir).absolute()
     csv_path = find_csv(data_dir)
     entries = parse_entries(csv_path)
@@ -197,7 +224,8 @@ def load_metadata(data_dir: str | os.PathLike, *, skip_missing: bool = False) ->
                         f"{entries['image'][missing].iloc[0]}; expected them {where} "
                         f"(skip_missing / --skip-missing drops them)")
     meta = entries.assign(path=paths.astype(str)).loc[~missing, list(META_COLUMNS)].reset_index(drop=True)
-    meta.attrs.update(synthetic=(data_dir / SYNTHETIC_MARKER).is_file(), skipped_missing=int(missing.sum()))
+    meta.attrs.update(synthetic=(data_dir / SYNTHETIC_MARKER).is_file(), skipped_missing=int(missing.sum()),
+                      unknown_ages=entries.attrs["unknown_ages"])
     return meta
 
 
@@ -417,6 +445,19 @@ class PreparedData:
     split_csv: Path
     synthetic: bool
     skipped_missing: int = 0     # images listed in the CSV but absent on disk, dropped by --skip-missing
+    unknown_ages: UnknownAges = UnknownAges()   # impossible ages in the CSV, loaded as NaN
+
+    def notes(self) -> list[str]:
+        """One line per thing the user should know about how the data was loaded."""
+        notes = [self.unknown_ages.note()]
+        if self.skipped_missing:
+            notes.append(f"skipped {self.skipped_missing} image(s) listed in the CSV but not on disk (--skip-missing)")
+        return [note for note in notes if note]
+
+    def train_age_mean(self) -> float:
+        """Mean known age of the training split: what demographic inputs impute for an unknown age."""
+        ages = self.subset("train")["age"]
+        return float(ages.mean()) if ages.notna().any() else float("nan")
 
     def subset(self, split: str) -> pd.DataFrame:
         if split not in SPLITS:
@@ -447,15 +488,15 @@ def _check_splits_non_empty(frame: pd.DataFrame, spec: DataSpec) -> None:
 def prepare_dataset(spec: DataSpec, out_dir: str | os.PathLike) -> PreparedData:
     """Load, filter, split, check, then write out_dir/split.csv and split.json (nothing on error)."""
     meta = load_metadata(spec.data_dir, skip_missing=spec.skip_missing)
-    synthetic, skipped = meta.attrs["synthetic"], meta.attrs["skipped_missing"]
+    synthetic, skipped, unknown_ages = (meta.attrs[key] for key in ("synthetic", "skipped_missing", "unknown_ages"))
     meta = subset_patients(filter_view(meta, spec.view), spec.max_images, spec.split_seed)
     frame = meta.assign(split=SPLITTERS[spec.split](meta, spec, Path(spec.data_dir)))
     check_no_patient_leak(frame)
     _check_splits_non_empty(frame, spec)
     frame = frame.sort_values("image", kind="stable").reset_index(drop=True)
-    prepared = PreparedData(frame, fingerprint(frame), Path(out_dir) / SPLIT_CSV, synthetic, skipped)
+    prepared = PreparedData(frame, fingerprint(frame), Path(out_dir) / SPLIT_CSV, synthetic, skipped, unknown_ages)
     summary = {"fingerprint": prepared.fingerprint, "spec": spec.to_dict(), "sizes": prepared.split_sizes(),
-               "synthetic": synthetic, "skipped_missing": skipped}
+               "synthetic": synthetic, "skipped_missing": skipped, "unknown_ages": dataclasses.asdict(unknown_ages)}
     write_atomically(prepared.split_csv, lambda tmp: frame.to_csv(tmp, index=False))
     write_text_atomically(prepared.split_csv.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
     return prepared
@@ -497,4 +538,5 @@ def load_prepared(split_csv: str | os.PathLike) -> PreparedData:
                             f"prepared; re-run data preparation")
         prepared.synthetic = bool(summary.get("synthetic", False))
         prepared.skipped_missing = int(summary.get("skipped_missing", 0))
+        prepared.unknown_ages = UnknownAges(**summary.get("unknown_ages", {}))
     return prepared
