@@ -227,6 +227,25 @@ def test_kaggle_folders_are_scanned(tmp_path):
     assert [Path(path).parent.parent.name for path in meta["path"]] == ["images_001", "images_002"]
 
 
+@pytest.mark.parametrize("link", ["itself", "a-loop-of-two", "a-missing-file"])
+def test_looping_or_broken_symlink_in_images_is_one_error_naming_it(tmp_path, link):
+    rows = [row("00000001_000.png"), row("00000002_000.png", patient="2")]
+    folder = write_dataset(tmp_path, rows, on_disk=["00000001_000.png"])
+    bad = folder / "images" / "00000002_000.png"
+    if link == "itself":
+        bad.symlink_to(bad.name)
+    elif link == "a-loop-of-two":
+        bad.symlink_to("partner")
+        (folder / "images" / "partner").symlink_to(bad.name)
+    else:
+        bad.symlink_to("gone.png")
+    with pytest.raises(DataError) as error:
+        load_metadata(folder, skip_missing=True)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{bad}: unreadable entry in the image folder (")
+    assert ("Too many levels of symbolic links" if link != "a-missing-file" else "No such file") in message
+
+
 def test_synthetic_marker_is_detected(synthetic_dir):
     assert load_metadata(synthetic_dir).attrs["synthetic"] is True
 
@@ -436,3 +455,37 @@ def test_real_metadata_in_the_2017_format_with_its_impossible_ages_loads(tmp_pat
     assert entries.attrs["unknown_ages"].count == 16
     assert entries.attrs["unknown_ages"].first_image == raw.loc[sorted(impossible)[0], "Image Index"]
     assert entries["age"].max() <= 120 and entries[list(FINDINGS)].sum().to_dict() == README_LABEL_COUNTS
+
+
+@pytest.fixture(scope="module")
+def real_entries() -> pd.DataFrame:
+    return parse_entries(REAL_CSV)
+
+
+def _relative_prevalence_gaps(frame: pd.DataFrame, splits) -> pd.DataFrame:
+    overall = frame[list(FINDINGS)].mean()
+    per_split = frame[frame["split"].isin(splits)].groupby("split")[list(FINDINGS)].mean()
+    return (per_split / overall - 1).abs()
+
+
+@pytest.mark.skipif(not REAL_CSV.is_file(), reason=f"real NIH metadata not present at {REAL_CSV.name} "
+                                                  "(../shared/reference/nih/ relative to the repository)")
+@pytest.mark.parametrize("split, seed", [("patient", 0), ("patient", 1), ("official", 0)])
+def test_real_metadata_patient_split_keeps_every_prevalence(real_entries, tmp_path, split, seed):
+    """Iterative stratification: every finding's image prevalence in every split within 5% relative of the
+    overall one (Hernia, 227 images, within 15%), patient-wise. The official split's test set is its list; here
+    a patient-wise stand-in (every 4th patient), and validation is carved out of the rest."""
+    entries = real_entries
+    if split == "official":
+        in_test = entries["patient_id"] % 4 == 0
+        write_lists(tmp_path, entries["image"][~in_test], entries["image"][in_test])
+    frame = entries.assign(split=split_of(entries, split, seed=seed, data_dir=tmp_path))
+    check_no_patient_leak(frame)
+    if split == "official":
+        frame = frame[frame["split"] != "test"]        # the list decides test; val and train share the rest
+    gaps = _relative_prevalence_gaps(frame, ["train", "val", "test"])
+    assert gaps.drop(columns="Hernia").max().max() < 0.05, gaps.round(3).to_dict()
+    assert gaps["Hernia"].max() < 0.15, gaps["Hernia"].round(3).to_dict()
+    sizes = frame["split"].value_counts(normalize=True)
+    expected = {"val": 0.1, "train": 0.9} if split == "official" else {"test": 0.2, "val": 0.1, "train": 0.7}
+    assert sizes.to_dict() == pytest.approx(expected, abs=0.002)
