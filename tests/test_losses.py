@@ -17,6 +17,11 @@ def make_cfg(**overrides) -> TrialConfig:
     return TrialConfig(**{"backbone": "test_resnet", "pretrained": "none", "image_size": 32, **overrides})
 
 
+def loss_cfg(name: str) -> TrialConfig:
+    """The loss with the optimizer it needs (LibAUC's aucm is optimised by its PESG)."""
+    return make_cfg(loss=name, **({"optimizer": "pesg"} if name == "aucm" else {}))
+
+
 @pytest.fixture
 def stats() -> LabelStats:
     rng = np.random.default_rng(0)
@@ -34,7 +39,7 @@ def random_batch(seed=0, batch=8):
 
 def test_registry_keys():
     assert set(LOSSES) == {"bce", "weighted_bce", "focal", "dynamic_weighted_bce",
-                           "asl", "poly", "twoway", "zlpr", "db"}
+                           "asl", "poly", "twoway", "zlpr", "db", "aucm"}
 
 
 def test_label_stats_from_labels():
@@ -47,7 +52,7 @@ def test_label_stats_from_labels():
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_is_finite_and_differentiable(name, stats):
-    criterion = create_loss(make_cfg(loss=name), stats)
+    criterion = create_loss(loss_cfg(name), stats)
     logits, targets = random_batch()
     logits.requires_grad_(True)
     loss = criterion(logits, targets)
@@ -58,7 +63,7 @@ def test_every_loss_is_finite_and_differentiable(name, stats):
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_runs_under_bf16_autocast(name, stats):
-    criterion = create_loss(make_cfg(loss=name), stats)
+    criterion = create_loss(loss_cfg(name), stats)
     layer = torch.nn.Linear(16, K)
     features = torch.randn(8, 16)
     _, targets = random_batch()
@@ -142,3 +147,23 @@ def test_dynamic_weighted_bce_ignores_negatives_of_absent_class_without_smoothin
     criterion(logits, targets).backward()
     assert logits.grad[:, 0].abs().sum() == 0
     assert logits.grad[:, 1:].abs().sum() > 0
+
+
+def test_aucm_is_libaucs_multi_label_auc_margin_loss_on_sigmoid_scores(stats):
+    from libauc.losses import MultiLabelAUCMLoss
+    logits, targets = random_batch(seed=4, batch=16)
+    criterion = create_loss(make_cfg(loss="aucm", optimizer="pesg"), stats)
+    aucm = criterion.loss
+    with torch.no_grad():                      # a, b, alpha as PESG would have moved them
+        aucm.a.copy_(torch.linspace(0.1, 0.9, K))
+        aucm.b.copy_(torch.linspace(0.05, 0.3, K))
+        aucm.alpha.copy_(torch.linspace(0.0, 2.0, K))
+    reference = MultiLabelAUCMLoss(margin=1.0, num_labels=K, imratio=(stats.positives / stats.num_samples).tolist(),
+                                   device=torch.device("cpu"))
+    reference.a, reference.b, reference.alpha = (getattr(aucm, n).detach().clone() for n in ("a", "b", "alpha"))
+    expected = reference(torch.sigmoid(logits), targets, auto=False)
+    torch.testing.assert_close(criterion(logits, targets), expected)
+    # the min-max variables are this module's parameters: checkpointed, moved with .to(), seen by PESG
+    assert {"loss.a", "loss.b", "loss.alpha"} <= set(criterion.state_dict())
+    criterion(logits, targets).backward()
+    assert aucm.a.grad is not None and aucm.alpha.grad is not None

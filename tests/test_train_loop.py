@@ -90,3 +90,23 @@ def test_checkpoint_holds_model_optimizer_scheduler_and_progress(prepared, cache
     assert {"model", "optimizer", "scheduler", "progress", "config", "rng"} <= set(kept)
     assert kept["progress"]["next_epoch"] == 2
     assert kept["probs"].shape == (len(prepared.subset("val")), 14)
+
+
+def test_aucm_with_pesg_resumes_exactly_with_the_losses_own_variables(prepared, cache_dir, tmp_path):
+    """LibAUC's AUC-margin loss trains a real trial with its PESG; the loss's own a, b, alpha are checkpointed,
+    so epoch 2 after a resume is the uninterrupted epoch 2."""
+    import shutil
+    cfg = dict(loss="aucm", optimizer="pesg", lr=0.1, epochs=2)
+    saved = {}
+
+    def keep(metrics, checkpoint):
+        saved[metrics["epoch"]] = shutil.copytree(checkpoint, tmp_path / f"epoch{metrics['epoch']}")
+
+    straight = train(TrialConfig(**{**TINY, **cfg}), prepared, keep, cache_dir=cache_dir)
+    state = torch.load(saved[1] / STATE_FILE, weights_only=True)
+    assert float(state["criterion"]["loss.alpha"].abs().sum()) > 0          # PESG moved the dual variable
+    resumed = train(TrialConfig(**{**TINY, **cfg}), prepared, lambda m, c: None, cache_dir=cache_dir,
+                    resume_from=saved[1])
+    assert resumed.history[0]["epoch"] == 2
+    assert resumed.history[0]["val_loss"] == straight.history[1]["val_loss"]
+    assert resumed.history[0]["val_auc_mean"] == straight.history[1]["val_auc_mean"]

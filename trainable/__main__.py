@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .models import check_pretrained
+    from .backbones import check_pretrained, warnings_for
     from .train import load_checkpoint
 
     cfg: TrialConfig = load_preset(args.preset).replace(**parse_overrides(args.set))
@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> None:
     else:
         check_pretrained(cfg)
         resume_epoch = None
+    for warning in warnings_for(cfg):
+        print(warning, file=sys.stderr)
     reported: list[int] = []
     try:
         _run_trial(args, cfg, out, resume_epoch, reported)

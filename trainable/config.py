@@ -17,8 +17,8 @@ from .errors import ConfigError
 @dataclass(frozen=True)
 class TrialConfig:
     # model
-    backbone: str = "densenet121"
-    pretrained: str = "imagenet"          # none | imagenet | path to a local weights file
+    backbone: str = "densenet121"         # timm name | hf-hub:ORG/NAME | local-dir:/FOLDER | xrv:WEIGHTS (backbones.py)
+    pretrained: str = "imagenet"          # none | imagenet (the backbone's own weights) | a local weights file
     head: str = "linear"                  # registry: trainable.models.HEADS
     head_dropout: float = 0.3             # dropout inside the cbam head's dense layers
     drop_rate: float = 0.0                # dropout before the linear head's classifier (timm's drop_rate too)
@@ -31,7 +31,7 @@ class TrialConfig:
     asl_gamma_neg: float = 4.0
     asl_gamma_pos: float = 1.0
     # optimisation
-    optimizer: str = "adam"               # any timm optimizer name (timm.optim.list_optimizers)
+    optimizer: str = "adam"               # any timm optimizer name, or trainable.optim.OPTIMIZERS (pesg)
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
@@ -132,16 +132,18 @@ def _registry_keys(module: str, name: str) -> Callable[[], Iterable[str]]:
     return keys
 
 
-def _timm_optimizers() -> Iterable[str]:
+def _optimizers() -> Iterable[str]:
     from timm.optim import list_optimizers
-    return list_optimizers()
+
+    from .optim import OPTIMIZERS
+    return [*list_optimizers(), *OPTIMIZERS]
 
 
 CHOICES: dict[str, Callable[[], Iterable[str]]] = {
     "head": _registry_keys("trainable.models", "HEADS"),
     "demographics": _registry_keys("trainable.data.demographics", "DEMOGRAPHICS"),
     "loss": _registry_keys("trainable.losses", "LOSSES"),
-    "optimizer": _timm_optimizers,
+    "optimizer": _optimizers,
     "scheduler": _registry_keys("trainable.optim", "SCHEDULERS"),
     "oversample": _registry_keys("trainable.data.loader", "OVERSAMPLERS"),
     "precision": lambda: ("fp32", "bf16"),
@@ -183,17 +185,28 @@ def _validate(cfg: TrialConfig) -> None:
         if getattr(cfg, key) > high:
             raise ConfigError(f"config: {key}={getattr(cfg, key)!r} must be <= {high:g}")
     _validate_backbone(cfg)
+    _validate_pairs(cfg)
+
+
+# (key, value) -> (key, value) it needs: LibAUC's min-max loss and its optimizer only work together.
+REQUIRES: dict[tuple[str, str], tuple[str, str]] = {("loss", "aucm"): ("optimizer", "pesg"),
+                                                     ("optimizer", "pesg"): ("loss", "aucm")}
+
+
+def _validate_pairs(cfg: TrialConfig) -> None:
+    for (key, value), (needed_key, needed) in REQUIRES.items():
+        if getattr(cfg, key) == value and getattr(cfg, needed_key) != needed:
+            raise ConfigError(f"config: {key}={value!r} needs {needed_key}={needed!r} (LibAUC's AUC-margin loss is "
+                              f"optimised by its PESG, which also updates the loss's own variables), not "
+                              f"{needed_key}={getattr(cfg, needed_key)!r}")
 
 
 def _validate_backbone(cfg: TrialConfig) -> None:
-    import timm
-    if not timm.is_model(cfg.backbone):
-        close = timm.list_models(f"*{cfg.backbone.split('_')[0]}*")[:10]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise ConfigError(f"config: backbone={cfg.backbone!r} is not a timm model name{hint}")
     if cfg.pretrained not in ("none", "imagenet") and not Path(cfg.pretrained).is_file():
         raise ConfigError(
             f"config: pretrained={cfg.pretrained!r} must be 'none', 'imagenet' or an existing weights file")
+    from .backbones import validate_backbone   # torch and timm load lazily, as for the registries
+    validate_backbone(cfg)
 
 
 def parse_overrides(pairs: Iterable[str], *, source: str = "--set") -> dict[str, Any]:

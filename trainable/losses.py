@@ -1,7 +1,7 @@
 """Loss registry: `LOSSES[cfg.loss](cfg, stats)` builds a multi-label criterion `(logits, targets) -> scalar`.
 
-Library losses are used where they exist (torch BCE, torchvision's focal loss, timm's multi-label losses);
-only the batch-ratio weighted BCE of Fisher 2025 is written here. `create_loss` wraps every entry so it
+Library losses are used where they exist (torch BCE, torchvision's focal loss, timm's multi-label losses, LibAUC's
+multi-label AUC-margin loss); only the batch-ratio weighted BCE of Fisher 2025 is written here. `create_loss` wraps every entry so it
 runs in float32 outside autocast: the log/exp terms of these losses underflow in bf16.
 """
 from __future__ import annotations
@@ -80,6 +80,39 @@ class DynamicWeightedBCE(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, targets, weight=weights.detach(), reduction="mean")
 
 
+class AucMarginLoss(nn.Module):
+    """LibAUC's MultiLabelAUCMLoss (Yuan et al. 2021, the CheXpert-competition AUC-margin loss), one task per finding.
+
+    As LibAUC documents it, the loss takes sigmoid scores, not logits; the positive ratios are the training
+    split's (imratio, not each batch's: `auto=False`). Its min-max variables a, b (minimised) and alpha
+    (maximised) are held here as parameters, so they move with `.to(device)` and are saved in checkpoints;
+    LibAUC's PESG (the optimizer entry `pesg`, built with this loss) updates all three.
+    """
+
+    def __init__(self, stats: LabelStats, margin: float = 1.0) -> None:
+        super().__init__()
+        from libauc.losses import MultiLabelAUCMLoss
+        ratio = (stats.positives / max(stats.num_samples, 1)).tolist()
+        # Not a submodule: its variables are registered once, here.
+        object.__setattr__(self, "libauc_loss", MultiLabelAUCMLoss(
+            margin=margin, num_labels=len(ratio), imratio=ratio, device=torch.device("cpu")))
+        for name in ("a", "b", "alpha"):
+            setattr(self, name, nn.Parameter(getattr(self.libauc_loss, name).detach().clone()))
+        self._link()
+
+    def _link(self) -> None:
+        for name in ("a", "b", "alpha"):
+            object.__setattr__(self.libauc_loss, name, getattr(self, name))
+
+    def _apply(self, fn, recurse=True):
+        moved = super()._apply(fn, recurse)
+        self._link()                      # .to(device) may have replaced the parameter objects
+        return moved
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.libauc_loss(torch.sigmoid(logits), targets, auto=False)
+
+
 class Float32Loss(nn.Module):
     """Runs the wrapped loss on float32 logits and targets, with autocast disabled."""
 
@@ -113,6 +146,7 @@ LOSSES: dict[str, Callable[[Any, LabelStats], nn.Module]] = {
     "zlpr": _timm_loss("zlpr"),
     "db": _timm_loss("db", lambda cfg, stats: dict(
         class_counts=torch.as_tensor(stats.positives, dtype=torch.float32), num_samples=stats.num_samples)),
+    "aucm": lambda cfg, stats: AucMarginLoss(stats),
 }
 
 

@@ -1,24 +1,21 @@
-"""The classifier: a timm backbone, a head from `HEADS`, and demographic fusion before the head.
+"""The classifier: a backbone (trainable.backbones), a head from `HEADS`, and demographic fusion before the head.
 
-`create_model(cfg)` builds the whole network from a TrialConfig. The backbone is any timm model; it is built
-with `in_chans=1` so timm folds pretrained RGB stem weights into one grayscale channel, and with
-`num_classes=0` because the head is ours. Heads receive the unpooled feature map (B, C, h, w), whatever
+`create_model(cfg)` builds the whole network from a TrialConfig. The backbone is a timm model (a registry name,
+a hub repository or a local folder) built with `in_chans=1`, so timm folds pretrained RGB stem weights into one
+grayscale channel, and `num_classes=0` because the head is ours; or a torchxrayvision chest X-ray network. Heads receive the unpooled feature map (B, C, h, w), whatever
 layout the backbone emits (CNN maps, ViT tokens, NHWC maps), so attention heads like CBAM work on every family.
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from timm.layers.cbam import CbamModule
-from timm.models import load_state_dict, resolve_model_input_args
 from torch import nn
 
+from .backbones import create_backbone
 from .data.demographics import DEMOGRAPHICS
-from .errors import ConfigError
 from .findings import NUM_FINDINGS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -119,65 +116,6 @@ def create_model(cfg: Any, num_classes: int = NUM_FINDINGS) -> ChestXrayNet:
     backbone = create_backbone(cfg)
     head = HEADS[cfg.head](backbone.num_features, len(DEMOGRAPHICS[cfg.demographics]), num_classes, cfg)
     return ChestXrayNet(backbone, head)
-
-
-def create_backbone(cfg: Any) -> nn.Module:
-    """The timm backbone without classifier, grayscale stem, sized for cfg.image_size, with cfg.pretrained weights."""
-    # timm decides which models take img_size (fixed-size ViTs and friends resample their position embeddings).
-    # The resolved pretrained_cfg is passed back so a tagged name (resnet50.a1_in1k) keeps its weights choice.
-    kwargs = resolve_model_input_args(cfg.backbone, args={"img_size": cfg.image_size, "in_chans": 1})
-    kwargs.update(num_classes=0, drop_rate=cfg.drop_rate)
-    if cfg.pretrained == "none":
-        return timm.create_model(**kwargs, pretrained=False)
-    if cfg.pretrained == "imagenet":
-        try:
-            return timm.create_model(**kwargs, pretrained=True)
-        except (OSError, RuntimeError) as err:
-            raise ConfigError(
-                f"pretrained=imagenet: could not load timm's weights for backbone {cfg.backbone!r} ({_one_line(err)}); "
-                "offline, pass a local weights file as pretrained") from None
-    return _backbone_from_file(Path(cfg.pretrained), kwargs)
-
-
-def check_pretrained(cfg: Any) -> None:
-    """Fail now, naming the file, if cfg.pretrained is a weights file that does not load into cfg.backbone.
-
-    Run before any trial starts (the CLIs, the sweep drivers), so a wrong file does not fail every trial.
-    """
-    if cfg.pretrained not in ("none", "imagenet"):
-        create_backbone(cfg)
-
-
-def _backbone_from_file(path: Path, kwargs: dict[str, Any]) -> nn.Module:
-    """Load a local weights file (air-gapped clusters) strictly: a file of another backbone is an error.
-
-    timm's own file loading drops the strict key check when the classifier is removed (num_classes=0), so
-    the file is read here (timm's load_state_dict: torch.load with weights_only=True, or safetensors), its
-    classifier removed, and handed to timm as a state dict with strict loading; timm still applies the
-    model's checkpoint filter (e.g. position-embedding resampling) and the RGB -> grayscale stem fold.
-    """
-    name = kwargs["model_name"]
-    try:
-        state_dict = load_state_dict(str(path))
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ConfigError(f"pretrained={str(path)!r}: cannot read weights file ({_one_line(err)})") from None
-    classifiers = kwargs["pretrained_cfg"].get("classifier") or ()
-    for prefix in (classifiers,) if isinstance(classifiers, str) else classifiers:
-        state_dict.pop(f"{prefix}.weight", None)
-        state_dict.pop(f"{prefix}.bias", None)
-    try:
-        backbone = timm.create_model(
-            **kwargs, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict, classifier=None))
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise ConfigError(
-            f"pretrained={str(path)!r}: weights do not match backbone {name!r} ({_one_line(err)})") from None
-    backbone.pretrained_cfg.pop("state_dict", None)  # don't keep a second copy of the weights alive
-    return backbone
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def input_stats(model: nn.Module) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""Optimizer (any timm optimizer name) and the per-epoch learning-rate schedule registry `SCHEDULERS`."""
+"""Optimizers (any timm optimizer name, plus `OPTIMIZERS`) and the per-epoch learning-rate schedule registry
+`SCHEDULERS`."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -11,9 +12,34 @@ from torch.optim import lr_scheduler
 from .errors import ConfigError
 
 
-def create_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
-    """timm's optimizer factory: biases and norm weights get no weight decay; momentum reaches only the
-    optimizers that take it (timm drops it for Adam and friends)."""
+def _pesg(cfg: Any, model: nn.Module, criterion: nn.Module | None) -> torch.optim.Optimizer:
+    """LibAUC's PESG (SGD mode, its default) for the `aucm` loss: it also descends the loss's a, b and ascends
+    its alpha. momentum and weight_decay are cfg's; epoch_decay (the pull toward a reference model) is LibAUC's
+    default 2e-3."""
+    from libauc.optimizers import PESG
+
+    from .losses import AucMarginLoss
+    loss = next((m for m in (criterion.modules() if criterion is not None else ()) if isinstance(m, AucMarginLoss)),
+                None)
+    if loss is None:
+        raise ConfigError("optimizer='pesg' optimises LibAUC's AUC-margin loss: set loss=aucm")
+    device = next(model.parameters()).device
+    return PESG(model.parameters(), loss_fn=loss.libauc_loss, lr=cfg.lr, momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay, verbose=False, device=device)
+
+
+# Optimizers timm does not have: name -> builder(cfg, model, criterion).
+OPTIMIZERS: dict[str, Callable[[Any, nn.Module, nn.Module | None], torch.optim.Optimizer]] = {
+    "pesg": _pesg,
+}
+
+
+def create_optimizer(cfg: Any, model: nn.Module, criterion: nn.Module | None = None) -> torch.optim.Optimizer:
+    """An `OPTIMIZERS` entry, else timm's optimizer factory: biases and norm weights get no weight decay; momentum
+    reaches only the optimizers that take it (timm drops it for Adam and friends). `criterion` is for optimizers
+    that also update the loss's own variables (pesg)."""
+    if cfg.optimizer in OPTIMIZERS:
+        return OPTIMIZERS[cfg.optimizer](cfg, model, criterion)
     try:
         return create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                    momentum=cfg.momentum)

@@ -86,7 +86,7 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
     mean, std = input_stats(model)
     augment = BatchAugment(cfg, mean=mean, std=std).to(device)
     criterion = create_loss(cfg, LabelStats.from_labels(train_split.labels)).to(device)
-    optimizer = create_optimizer(cfg, model)
+    optimizer = create_optimizer(cfg, model, criterion)
     scheduler = create_scheduler(cfg, optimizer)
     forward = torch.compile(model) if cfg.compile else model
 
@@ -99,7 +99,7 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
 
     progress = TrialProgress()
     if resume_from is not None:
-        progress = _restore(Path(resume_from), model, optimizer, scheduler, cfg)
+        progress = _restore(Path(resume_from), model, optimizer, scheduler, criterion, cfg)
 
     result = TrainResult(best_epoch=progress.best_epoch)
     for epoch in range(progress.next_epoch, cfg.epochs + 1):
@@ -115,7 +115,8 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
         metrics = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                    "train_images_per_s": seen / train_seconds, "early_stopped": float(stop and epoch < cfg.epochs),
                    **metrics}
-        checkpoint = _write_checkpoint(model, optimizer, scheduler, progress, cfg, val_split, probs, thresholds)
+        checkpoint = _write_checkpoint(model, optimizer, scheduler, criterion, progress, cfg, val_split, probs,
+                                       thresholds)
         try:
             report(metrics, checkpoint)
         finally:
@@ -216,11 +217,13 @@ class TrialProgress:
         return patience > 0 and self.epochs_without_gain >= patience
 
 
-def _write_checkpoint(model, optimizer, scheduler, progress: TrialProgress, cfg: TrialConfig, val: SplitArrays,
-                      probs: np.ndarray, thresholds: np.ndarray) -> Path:
+def _write_checkpoint(model, optimizer, scheduler, criterion, progress: TrialProgress, cfg: TrialConfig,
+                      val: SplitArrays, probs: np.ndarray, thresholds: np.ndarray) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="cxr-checkpoint-"))
+    # the criterion's own learned variables (aucm's a, b, alpha) resume with the model
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "progress": vars(progress), "config": cfg.to_dict(),
+                "scheduler": scheduler.state_dict(), "criterion": criterion.state_dict(),
+                "progress": vars(progress), "config": cfg.to_dict(),
                 # randomness is re-derived from (seed, epoch): see runtime.epoch_seeds
                 "rng": {"seed": cfg.seed, "next_epoch": progress.next_epoch}},
                folder / STATE_FILE)
@@ -250,9 +253,10 @@ def load_checkpoint(folder: str | Path, cfg: TrialConfig) -> dict:
     return state
 
 
-def _restore(folder: Path, model, optimizer, scheduler, cfg: TrialConfig) -> TrialProgress:
+def _restore(folder: Path, model, optimizer, scheduler, criterion, cfg: TrialConfig) -> TrialProgress:
     state = load_checkpoint(folder, cfg)
     model.load_state_dict(state["model"])
+    criterion.load_state_dict(state.get("criterion", {}), strict="criterion" in state)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return TrialProgress(**state["progress"])
