@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from trainable.errors import ConfigError
 from .record import is_uri
 
 PROBE_TIMEOUT_S = 60
+CONNECT_TIMEOUT_S = 3
+TOKEN_FIX = ("export RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN (or in ~/.ray/auth_token, or a "
+             "file named by RAY_AUTH_TOKEN_PATH); `ray get-auth-token` on the head node prints it")
 
 
 def start_ray(address: str | None) -> None:
@@ -25,10 +29,50 @@ def start_ray(address: str | None) -> None:
     # (BENCHMARKS.md); passive waiting costs nothing when a trial has its cores to itself.
     runtime_env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, **quiet)
+        check_cluster_answers(address)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, **quiet)
+        except ray.exceptions.AuthenticationError:
+            raise ConfigError(f"--address {address}: this Ray cluster needs token authentication and no token "
+                              f"was found; {TOKEN_FIX}") from None
+        except ConnectionError as err:
+            raise ConfigError(f"--address {address}: cannot join this Ray cluster ({' '.join(str(err).split())})"
+                              ) from None
     else:
         # 'local': never join a cluster a `ray start` left recorded on this machine
         ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **quiet)
+
+
+def check_cluster_answers(address: str) -> None:
+    """Refuse in seconds what ray.init would retry for ~20 s and then report as a traceback: no cluster at the
+    address, or one that wants a token this process does not send.
+
+    The token probe asks the GCS for a key with a made-up cluster id: the GCS checks the token first and answers
+    at once, InvalidAuthToken when it is missing or wrong (anything else means authentication passed).
+    """
+    if address.startswith("ray://"):
+        return                                                   # Ray Client: its own handshake
+    from ray._private.services import canonicalize_bootstrap_address
+    from ray._raylet import GcsClient
+    try:
+        bootstrap = canonicalize_bootstrap_address(address)
+    except (ValueError, ConnectionError) as err:
+        raise ConfigError(f"--address {address}: {' '.join(str(err).split())}") from None
+    if bootstrap is None:
+        return
+    host, _, port = bootstrap.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConfigError(f"--address {address}: no Ray cluster answers at {bootstrap} ({err.strerror or err}); "
+                          f"start one with `ray start --head` or fix the address") from None
+    try:
+        GcsClient(address=bootstrap, cluster_id="01" * 28).internal_kv_get(b"cxr-ablate-probe", None,
+                                                                           timeout=CONNECT_TIMEOUT_S)
+    except Exception as err:  # noqa: BLE001 - only the token verdict matters here; ray.init reports the rest
+        if "InvalidAuthToken" in str(err):
+            raise ConfigError(f"--address {address}: this Ray cluster needs token authentication and the token "
+                              f"is missing or wrong; {TOKEN_FIX}") from None
 
 
 def alive_nodes() -> list[dict]:
@@ -85,11 +129,14 @@ def _nodes_not_seeing(folder: Path, nodes: list[dict]) -> list[str]:
 
 
 def check_weight_files(configs) -> None:
-    """Load each distinct (backbone, local weights file) once on the driver: a file that does not fit would
-    otherwise fail every trial that uses it, each after its retries."""
-    from trainable.models import check_pretrained
+    """Check each distinct (backbone, pretrained) of a sweep once, on the driver, before Ray starts: weights that
+    cannot be had (no hub on an air-gapped machine, a missing or unfit file) would otherwise fail every trial
+    that uses them, each after its retries. Fails in seconds with the fix (trainable.backbones.check_pretrained)."""
+    from trainable.backbones import check_pretrained, warnings_for
     seen = set()
     for cfg in configs:
         if (cfg.backbone, cfg.pretrained) not in seen:
             seen.add((cfg.backbone, cfg.pretrained))
             check_pretrained(cfg)
+            for warning in warnings_for(cfg):
+                print(warning, flush=True)

@@ -11,6 +11,8 @@ continued by `--resume`, keeps its run; epochs already logged for a run are skip
   KILLED    with tag pruned=true: the scheduler (ASHA) stopped it early; its metrics are partial-budget
   KILLED    with tag interrupted=true: the sweep was interrupted; `--resume` sets it RUNNING again
   FAILED    with tag error=<last line of the error>, and error.txt as an artifact
+Every child run is also tagged with where its trial ran: device (`cpu` or the CUDA device name), node,
+torch_version, timm_version, cuda_version, python_version.
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS, DONE, TRAINING_ITERATION
 
 from trainable.checkpoint_files import PREDICTIONS_FILE, THRESHOLDS_FILE
+from trainable.tune import WHERE_KEY
 
 from .naming import TrialDescriber, trial_run_name
 from .tracking import PARENT_RUN_TAG
@@ -51,6 +54,7 @@ class _ChildRun:
     budget: int                                   # epochs the trial was configured for
     logged_steps: set[int] = field(default_factory=set)
     pruned_at: int | None = None                  # epoch at which the scheduler stopped it, if early
+    where: dict | None = None                     # device, node and versions last tagged
 
 
 class MLflowTrialLogger(Callback):
@@ -85,6 +89,10 @@ class MLflowTrialLogger(Callback):
         if result.get(DONE) and step < child.budget:
             # Tune marks the result it decided to stop on as done; a trial ending by itself never is.
             child.pruned_at = step
+        where = result.get(WHERE_KEY)
+        if isinstance(where, dict) and where != child.where:      # first result, or a retry ran elsewhere
+            self.client.log_batch(child.run_id, tags=[RunTag(key, str(value)) for key, value in where.items()])
+            child.where = where
         if step in child.logged_steps:
             return
         now = int(time.time() * 1000)
@@ -186,7 +194,10 @@ class MLflowTrialLogger(Callback):
         self.client.set_terminated(run_id, status=KILLED)
 
     def _fail(self, run_id: str, trial: Trial) -> None:
-        error = trial.get_error() or "unknown error (no error file)"
+        # On a first failure Tune has written error.txt only in the driver's staging folder, not yet to storage.
+        local = Path(trial.error_file) if trial.error_file else None
+        error = (trial.get_error() or (local.read_text() if local is not None and local.is_file() else None)
+                 or "unknown error (no error file)")
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         self.client.set_tag(run_id, "error", (lines[-1] if lines else str(error))[:MAX_ERROR_TAG_CHARS])
         self.client.log_text(run_id, str(error), "error.txt")

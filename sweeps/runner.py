@@ -7,6 +7,7 @@ started. What differs between an ablation and a search is a SweepKind (ablation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -31,6 +32,7 @@ from trainable.tune import TrialContext, run_trial
 from .catalog import describe
 from .cluster import check_resources, check_shared_storage, start_ray
 from .demo import demo_data
+from .failures import NoRetryForDeterministic, cause_of, is_bad_input, registry_name
 from .mlflow_logger import FAILED, FINISHED, KILLED, MLflowTrialLogger
 from .naming import TrialDescriber, tune_trial_dirname, tune_trial_name
 from .options import EXECUTION_OPTIONS, LATEST, apply_defaults, build_parser
@@ -217,13 +219,14 @@ def _tuner(sweep: Sweep, parent: SweepRun, context: TrialContext, describer: Tri
         return tune.Tuner.restore(sweep.location.path, trainable=trainable, resume_errored=True)
     logger = MLflowTrialLogger(experiment_id=parent.experiment_id, parent_run_id=parent.parent_run_id,
                                describer=describer)
+    no_retry = NoRetryForDeterministic(sweep.location.name, args.max_failures)
     return tune.Tuner(
         trainable, param_space=plan.param_space(),
         tune_config=tune.TuneConfig(**plan.tune_options(), max_concurrent_trials=args.max_concurrent or None,
                                     reuse_actors=True, trial_name_creator=tune_trial_name,
                                     trial_dirname_creator=tune_trial_dirname),
         run_config=tune.RunConfig(
-            name=sweep.location.name, storage_path=sweep.location.storage, callbacks=[logger], verbose=1,
+            name=sweep.location.name, storage_path=sweep.location.storage, callbacks=[logger, no_retry], verbose=1,
             progress_reporter=CLIReporter(parameter_columns=plan.progress_parameters, metric_columns=PROGRESS_METRICS,
                                           max_report_frequency=PROGRESS_EVERY_S),
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
@@ -232,7 +235,8 @@ def _tuner(sweep: Sweep, parent: SweepRun, context: TrialContext, describer: Tri
 
 
 def _fit(sweep: Sweep, parent: SweepRun) -> int:
-    context = sweep.plan.context(sweep.data, sweep.args.cache_dir)
+    context = dataclasses.replace(sweep.plan.context(sweep.data, sweep.args.cache_dir),
+                                  failure_registry=registry_name(sweep.location.name))
     describer = sweep.plan.describer(context)
     # The new output engine ignores a passed-in progress reporter; the CLIReporter shows arm/seed and AUC/F1.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
@@ -251,6 +255,17 @@ def _fit(sweep: Sweep, parent: SweepRun) -> int:
         _report(sweep, parent, results, describer)
     print(f"\nfiles: {sweep.location.path}\nMLflow experiment {sweep.location.name!r}; browse it with:\n  "
           f"{ui_command(sweep.uri)}", flush=True)
+    return _exit_code(results, unfinished)
+
+
+def _exit_code(results: tune.ResultGrid, unfinished: list[str]) -> int:
+    """0: every trial finished; 2: some trial failed on bad input (config, data, weights); 1: otherwise."""
+    bad = [result for result in results if result.error is not None and is_bad_input(result.error)]
+    if bad:
+        first = " ".join(str(cause_of(bad[0].error)).split())[:300]
+        print(f"error: {len(bad)} trial(s) failed on bad input, each once (not retried); first: {first}",
+              file=sys.stderr, flush=True)
+        return 2
     return 1 if unfinished or results.num_errors else 0
 
 

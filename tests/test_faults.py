@@ -1,6 +1,6 @@
-"""Fault injection on a real local Ray: a trial's worker process is SIGKILLed mid-training and a trial diverges,
-in one tiny ablation run as the user runs it (`python sweeps/run_ablation.py` in a subprocess), logged to the
-embedded MLflow store that the tests read back.
+"""Fault injection on a real local Ray: a trial's worker process is SIGKILLed mid-training (retried), a trial
+diverges and a trial meets a truncated PNG (deterministic: not retried), in one tiny ablation run as the user
+runs it (`python sweeps/run_ablation.py` in a subprocess), logged to the embedded MLflow store the tests read.
 
 Covered elsewhere, not repeated here:
   driver killed mid-sweep, then --resume
@@ -25,17 +25,24 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from trainable.config import TrialConfig
+from trainable.data.nih import DataSpec, prepare_dataset
 from trainable.data.synthetic import generate
+from trainable.train import SplitArrays
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--set", "backbone=test_resnet", "--set", "image_size=32", "--set", "pretrained=none",
+TINY = ["--set", "backbone=test_resnet", "--set", "pretrained=none",
         "--set", "batch_size=16", "--cpus-per-trial", "1"]
 EPOCHS = 5                       # the worker is killed once epoch 2 is checkpointed: 3 epochs are left
 MAX_FAILURES = 2
 NAME = "faults"
-KILLED_TRIAL, DIVERGED_TRIAL = "baseline-s0", "diverge-s0"
-# SGD at an absurd learning rate: the loss is NaN/inf within the first steps (see test_train_loop).
-ARMS_FILE = "diverge: {optimizer: sgd, lr: 1.0e12, momentum: 0.9, factor: divergence}\n"
+KILLED_TRIAL, DIVERGED_TRIAL, CORRUPT_TRIAL = "tiny-s0", "diverge-s0", "baseline-s0"
+IMAGE_SIZE = 32
+# tiny and diverge train at 32 px from a cache built before one PNG was truncated; diverge (SGD at an absurd
+# learning rate) has a NaN/inf loss within the first steps (see test_train_loop). The baseline, at its 224 px,
+# decodes the images afresh and meets the truncated PNG.
+ARMS_FILE = ("tiny: {image_size: 32, factor: resolution}\n"
+             "diverge: {optimizer: sgd, lr: 1.0e12, momentum: 0.9, image_size: 32, factor: divergence}\n")
 TIMEOUT_S = 600
 
 pytestmark = pytest.mark.slow
@@ -81,18 +88,27 @@ def _trial_workers(root: int, trial_name: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """baseline (its worker SIGKILLed once, after its epoch-2 checkpoint) and diverge (NaN loss), 1 seed each.
+    """tiny (its worker SIGKILLed once, after its epoch-2 checkpoint), diverge (NaN loss) and baseline (a
+    truncated PNG), 1 seed each.
 
-    Returns (out folder, exit code, stdout, killed pid, path of the checkpoint seen before the kill)."""
+    Returns (out folder, exit code, stdout, killed pid, path of the checkpoint seen before the kill, stderr,
+    the truncated image)."""
     root = tmp_path_factory.mktemp("faults")
-    data = generate(root / "data", patients=100, image_size=32, seed=2)
+    data = generate(root / "data", patients=100, image_size=32, seed=2).resolve()   # as the runner resolves it
     (root / "arms.yaml").write_text(ARMS_FILE)
     out = root / "out"
+    # The 32-px caches the sweep's data split will key to, built before one training image is truncated.
+    prepared = prepare_dataset(DataSpec(data_dir=str(data)), root / "split")
+    for split in ("train", "val"):
+        SplitArrays.load(prepared, split, TrialConfig(pretrained="none", image_size=IMAGE_SIZE), root / "cache")
+    truncated = Path(prepared.subset("train")["path"].iloc[0])
+    truncated.write_bytes(truncated.read_bytes()[:120])     # the PNG signature survives: only decoding finds it
     env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
            "CXR_CACHE_DIR": str(root / "cache"), "PYTHONUNBUFFERED": "1"}
     # --address local: a Ray of its own, whose processes all descend from the driver (never another user's Ray)
     command = [sys.executable, str(REPO / "sweeps" / "run_ablation.py"), "--data", str(data), "--out", str(out),
-               "--name", NAME, "--arms", "baseline,diverge", "--arms-file", str(root / "arms.yaml"), "--seeds", "1",
+               "--name", NAME, "--arms", "tiny,diverge", "--arms-file", str(root / "arms.yaml"),
+               "--seeds", "1",
                "--epochs", str(EPOCHS), "--max-failures", str(MAX_FAILURES), "--address", "local", *TINY]
     with open(root / "stdout.txt", "w") as stdout, open(root / "stderr.txt", "w") as stderr:
         driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
@@ -114,9 +130,9 @@ def sweep(tmp_path_factory):
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
-    text = (root / "stdout.txt").read_text()
-    print(text[-5000:], (root / "stderr.txt").read_text()[-5000:], sep="\n")  # shown when a test fails
-    return out, code, text, workers[0], seen[0]
+    text, errors = (root / "stdout.txt").read_text(), (root / "stderr.txt").read_text()
+    print(text[-5000:], errors[-5000:], sep="\n")  # shown when a test fails
+    return out, code, text, workers[0], seen[0], errors, truncated
 
 
 def _runs(out: Path):
@@ -139,18 +155,27 @@ def _results(out: Path, trial_name: str) -> list[dict]:
     return [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()]
 
 
-def test_sweep_finishes_and_exits_1_because_one_trial_failed(sweep):
-    """The runner's documented code for 'finished, but some trial failed' is 1 (2 is bad input)."""
-    out, code, stdout, _, _ = sweep
-    assert code == 1
-    assert "1 trial(s) failed" in stdout and "AUC mean ± sd" in stdout
+def _attempts(out: Path, trial_name: str) -> int:
+    """How many times Tune ran the trial and saw it fail: its error.txt has one 'Failure # N' per failure."""
+    [folder] = out.glob(f"{NAME}/{trial_name}_*")
+    return len(re.findall(r"^Failure # \d+", (folder / "error.txt").read_text(), flags=re.MULTILINE))
+
+
+def test_sweep_finishes_and_exits_2_because_a_trial_failed_on_bad_input(sweep):
+    """Documented codes: 2 when a trial failed on bad input (the truncated PNG), after the sweep ran to its end."""
+    out, code, stdout, _, _, stderr, truncated = sweep
+    assert code == 2
+    assert "2 trial(s) failed" in stdout and "AUC mean ± sd" in stdout
+    [line] = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert re.fullmatch(rf"error: 1 trial\(s\) failed on bad input, each once \(not retried\); first: "
+                        rf"{re.escape(str(truncated))}: corrupt or truncated PNG .*", line), line
     client, parent, children = _runs(out)
-    assert parent.info.status == "FINISHED" and parent.data.tags["failed_trials"] == "1"
-    assert sorted(r.info.run_name for r in children) == sorted([KILLED_TRIAL, DIVERGED_TRIAL])
+    assert parent.info.status == "FINISHED" and parent.data.tags["failed_trials"] == "2"
+    assert sorted(r.info.run_name for r in children) == sorted([KILLED_TRIAL, DIVERGED_TRIAL, CORRUPT_TRIAL])
 
 
 def test_killed_worker_resumes_from_its_checkpoint_in_the_same_mlflow_run(sweep):
-    out, _, _, killed, _ = sweep
+    out, _, _, killed, _, _, _ = sweep
     client, _, children = _runs(out)
     run = _child(children, KILLED_TRIAL)
     assert run.info.status == "FINISHED"
@@ -166,22 +191,29 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_mlflow_run(sweep)
     pids = list(dict.fromkeys(r["pid"] for r in results))
     assert epochs.count(1) == 1 and epochs[-1] == EPOCHS and set(epochs) == set(range(1, EPOCHS + 1)), epochs
     assert len(pids) == 2 and pids[0] == killed, (pids, killed)
+    assert _attempts(out, KILLED_TRIAL) == 1                       # the kill, then a successful retry
+    assert run.data.tags["device"] == "cpu" and run.data.tags["node"]
 
 
-def test_diverged_trial_fails_with_the_reason_and_the_sweep_goes_on(sweep):
-    out, _, _, _, _ = sweep
+@pytest.mark.parametrize("trial, error", [
+    (DIVERGED_TRIAL, r"TrialDiverged: training loss became (nan|inf) at epoch 1"),
+    (CORRUPT_TRIAL, r"DataError: .*\.png: corrupt or truncated PNG"),
+])
+def test_deterministic_failure_fails_at_once_with_its_reason_and_the_sweep_goes_on(sweep, trial, error):
+    """--max-failures 2, yet one attempt: Tune ran it once, no retry in MLflow, the reason on the run."""
+    out, _, _, _, _, _, _ = sweep
     client, _, children = _runs(out)
-    run = _child(children, DIVERGED_TRIAL)                     # retried MAX_FAILURES times, still one run
+    run = _child(children, trial)
     assert run.info.status == "FAILED"
-    assert re.search(r"TrialDiverged.*training loss became (nan|inf) at epoch 1", run.data.tags["error"]), \
-        run.data.tags["error"]
-    assert run.data.tags.get("retries") == str(MAX_FAILURES)
+    assert re.search(error, run.data.tags["error"]), run.data.tags["error"]
+    assert "retries" not in run.data.tags
+    assert _attempts(out, trial) == 1
     assert "error.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert client.get_metric_history(run.info.run_id, "val_auc_mean") == []
     assert _child(children, KILLED_TRIAL).info.status == "FINISHED"
 
 
 def test_no_run_is_left_running(sweep):
-    out, _, _, _, _ = sweep
+    out, _, _, _, _, _, _ = sweep
     client, parent, children = _runs(out)
     assert [r.info.run_name for r in [parent, *children] if r.info.status == "RUNNING"] == []

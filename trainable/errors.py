@@ -15,3 +15,11 @@ class DataError(UserError):
 
 class TrialDiverged(RuntimeError):
     """The training loss became NaN or infinite; the trial ends as failed with this reason."""
+
+
+class DeviceUnavailable(RuntimeError):
+    """A trial was given GPUs but its node has no usable CUDA device (a node problem: retried, maybe elsewhere)."""
+
+
+# Failures that come out the same on every attempt: retrying them only repeats the error.
+DETERMINISTIC_FAILURES: tuple[type[BaseException], ...] = (UserError, TrialDiverged)

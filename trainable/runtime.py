@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import DeviceUnavailable
 
 CACHE_ENV = "CXR_CACHE_DIR"
 
@@ -22,6 +25,31 @@ def default_cache_dir() -> Path:
 
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def gpu_device(gpus: float, node: str) -> torch.device:
+    """The CUDA device of a trial given `gpus` GPUs; on a node where torch sees none, a one-line error naming it
+    (training on the CPU instead would be silently slow)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    try:
+        torch.cuda.init()
+        reason = "torch.cuda.is_available() is False"
+    except Exception as err:  # noqa: BLE001 - whatever CUDA says is the reason to show
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    raise DeviceUnavailable(f"node {node}: this trial was given {gpus:g} GPU(s) but torch {torch.__version__} "
+                            f"(CUDA build {torch.version.cuda or 'none'}) sees no usable CUDA device ({reason}; "
+                            f"CUDA_VISIBLE_DEVICES={visible}); fix the node's NVIDIA driver or run with "
+                            f"--gpus-per-trial 0")
+
+
+def where_it_runs(device: torch.device, node: str) -> dict[str, str]:
+    """Device, node and library versions of a run: recorded with every trial's results (MLflow tags)."""
+    import timm
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "node": node, "torch_version": torch.__version__, "timm_version": timm.__version__,
+            "cuda_version": torch.version.cuda or "none", "python_version": platform.python_version()}
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

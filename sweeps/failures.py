@@ -1,0 +1,72 @@
+"""Which trial failures are retried, and what a failed sweep's exit code says.
+
+Tune retries every trial error up to --max-failures. Infrastructure failures (a worker killed, a node lost) are
+what retries are for; a deterministic failure (a bad config value found in the trial, a corrupt image met while
+decoding, a loss that became NaN) fails again each time, costing a retry per attempt and hiding its reason
+behind repeats. Trials announce those through trainable.tune.FailureRegistry before raising; this callback, in
+the driver's Tune loop, sets that trial's `max_failures` to 0 and acknowledges, so Tune's own
+`Trial.should_recover` ends the trial ERROR on its first attempt (Ray Tune 2.60 has no per-error retry policy).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from trainable.errors import UserError
+from trainable.tune import FailureRegistry
+
+POLL_EVERY_S = 0.1             # the driver's loop steps every <= 0.1 s; a failing trial waits about this long
+
+
+def registry_name(sweep_name: str) -> str:
+    return f"cxr-ablate-failures-{sweep_name}"
+
+
+class NoRetryForDeterministic(Callback):
+    def __init__(self, sweep_name: str, max_failures: int):
+        self.name = registry_name(sweep_name)
+        self.max_failures = max_failures
+        self.reasons: dict[str, str] = {}           # trial id -> reason, this session
+        self._registry = None
+        self._polled = 0.0
+
+    def __getstate__(self) -> dict:                 # pickled into Tune's experiment state: no actor handle
+        return {**self.__dict__, "_registry": None, "reasons": {}}
+
+    def setup(self, **info: Any) -> None:
+        self._registry = FailureRegistry.options(name=self.name, get_if_exists=True).remote()
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        trial.max_failures = self.max_failures      # a resumed trial zeroed in an earlier session gets them back
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if self._registry is None or time.monotonic() - self._polled < POLL_EVERY_S:
+            return
+        self._polled = time.monotonic()
+        announced = ray.get(self._registry.take.remote())
+        if not announced:
+            return
+        for trial in trials:
+            if trial.trial_id in announced:
+                trial.max_failures = 0
+        self.reasons.update(announced)
+        ray.get(self._registry.acknowledge.remote(list(announced)))
+
+
+def cause_of(error: BaseException | None) -> BaseException | None:
+    """The trainable's own exception inside Tune's wrappers (a RayTaskError keeps it as .cause)."""
+    for _ in range(5):
+        inner = getattr(error, "cause", None)
+        if not isinstance(inner, BaseException) or inner is error:
+            break
+        error = inner
+    return error
+
+
+def is_bad_input(error: BaseException | None) -> bool:
+    """A trial failure the user fixes in the input (config, data, weights): the sweep then exits 2."""
+    return isinstance(cause_of(error), UserError)
