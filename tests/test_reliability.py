@@ -22,6 +22,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -213,7 +215,6 @@ CORRUPTIONS = {
     "patient-in-both-lists": _patient_in_both_lists,
     "empty-split-after-filter": _empty_split_after_filter,
     "age-unparseable": _set_cell("Patient Age", "abc"),
-    "age-out-of-range": _set_cell("Patient Age", "150"),
 }
 # Only decoding finds these: the trial finds them when it builds its image cache.
 IMAGE_CORRUPTIONS = ("zero-byte-png", "truncated-png", "jpeg-renamed-png")
@@ -260,11 +261,13 @@ def test_sweep_cli_refuses_bad_data_before_ray_starts(clean, tmp_path, sweep_out
 
 @pytest.fixture(scope="module")
 def odd_but_valid(tmp_path_factory):
-    """8-bit, 16-bit and RGBA PNGs mixed, one listed image missing, --skip-missing: (exit code, out, stdout)."""
+    """8-bit, 16-bit and RGBA PNGs mixed, one listed image missing, --skip-missing, one impossible age (150, as
+    the 2017 CSV has a few): (exit code, out, stdout)."""
     root = tmp_path_factory.mktemp("odd")
     data = generate(root / "data", patients=30, image_size=32, seed=1, png_modes=("L", "I;16", "RGBA"))
     missing = _image(data, 5)
     missing.unlink()
+    _edit_csv(data, lambda frame: frame.__setitem__("Patient Age", ["150", *frame["Patient Age"][1:]]))
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = trial_main(["--data", str(data), "--out", str(root / "out"), *TRIAL_ARGS, "--skip-missing",
@@ -283,6 +286,13 @@ def test_16_bit_and_rgba_pngs_train_and_skip_missing_drops_the_absent_image(odd_
 def test_skip_missing_says_how_many_images_it_dropped(odd_but_valid):
     _, _, stdout, _ = odd_but_valid
     assert re.search(r"(skipp|missing|not on disk)[^\n]*\b1\b|\b1\b[^\n]*(skipp|missing|not on disk)", stdout), stdout
+
+
+def test_an_impossible_age_loads_as_unknown_and_is_reported_in_one_line(odd_but_valid):
+    _, out, stdout, _ = odd_but_valid
+    assert re.search(r"^1 image\(s\) with an age outside 0-120 years \(first \d+_\d+\.png: '150'\) loaded with the "
+                     r"age unknown", stdout, flags=re.MULTILINE), stdout
+    assert json.loads((out / "split.json").read_text())["unknown_ages"]["count"] == 1
 
 
 # --- config -----------------------------------------------------------------------------------------------------
@@ -351,14 +361,20 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("weights")
     torch.save(timm.create_model("test_efficientnet").state_dict(), folder / "efficientnet.pth")
     torch.save({"model": _Pickled()}, folder / "pickled.pth")
+    torch.save({}, folder / "empty.pth")
+    (folder / "random.pth").write_bytes(os.urandom(2048))
     return {"weights-of-another-backbone": folder / "efficientnet.pth",
-            "pickled-object-weights": folder / "pickled.pth"}
+            "pickled-object-weights": folder / "pickled.pth",
+            "empty-state-dict": folder / "empty.pth",
+            "random-bytes": folder / "random.pth"}
 
 
 @pytest.mark.parametrize("kind, expected", [
     ("weights-of-another-backbone",
      r"pretrained='[^']*efficientnet\.pth': weights do not match backbone 'test_resnet'"),
     ("pickled-object-weights", r"pretrained='[^']*pickled\.pth': cannot read weights file .*weights_only"),
+    ("empty-state-dict", r"pretrained='[^']*empty\.pth': holds no weights \(an empty state dict\)"),
+    ("random-bytes", r"pretrained='[^']*random\.pth': not a weights file"),
 ])
 def test_trial_cli_refuses_unusable_weights(clean, tmp_path, capsys, weights, kind, expected):
     out = tmp_path / "out"
@@ -367,11 +383,46 @@ def test_trial_cli_refuses_unusable_weights(clean, tmp_path, capsys, weights, ki
     assert not (out / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("kind", ["weights-of-another-backbone", "pickled-object-weights"])
+@pytest.mark.parametrize("kind", ["weights-of-another-backbone", "pickled-object-weights", "empty-state-dict",
+                                  "random-bytes"])
 def test_sweep_cli_refuses_unusable_weights_before_ray_starts(clean, sweep_out, capsys, no_ray, weights, kind):
     assert run_sweep(clean, sweep_out, "bad-weights", "--set", f"pretrained={weights[kind]}") == 2
     assert weights[kind].name in error_line(capsys.readouterr().err)
     sweep_left_nothing(sweep_out, "bad-weights")
+
+
+def test_imagenet_weights_without_the_hub_stop_the_sweep_before_ray_with_the_fix(clean, sweep_out, capsys, no_ray,
+                                                                              monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE (huggingface_hub reads the switch at call time) and an empty hub cache: the machine has no
+    hub. Every arm's (backbone, imagenet) is checked once on the driver and the sweep stops at once."""
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    started = time.monotonic()
+    assert run_sweep(clean, sweep_out, "no-hub", "--set", "pretrained=imagenet", "--arms", "baseline,focal") == 2
+    assert time.monotonic() - started < 20
+    message = error_line(capsys.readouterr().err)
+    assert re.search(r"backbone='test_resnet' pretrained='imagenet': timm/test_resnet\.\S+ \(model\.safetensors or "
+                     r"pytorch_model\.bin\) is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; offline, "
+                     r"pass a local weights file as pretrained=/path/to/weights\.safetensors, or pretrained=none",
+                     message), message
+    sweep_left_nothing(sweep_out, "no-hub")
+
+
+def test_imagenet_weights_with_the_hub_out_of_reach_fail_in_seconds_not_a_minute(clean, tmp_path, cache_dir):
+    """As a user meets it: `python -m trainable` on a machine whose hub endpoint refuses connections (HF_ENDPOINT
+    at a closed port) and no cached weights. Before: ~50 s of download retries, then a traceback."""
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": str(tmp_path / "hf"),
+           "CXR_CACHE_DIR": str(cache_dir)}
+    env.pop("HF_HUB_OFFLINE", None)
+    done = subprocess.run([sys.executable, "-m", "trainable", "--data", str(clean), "--out", str(tmp_path / "out"),
+                           *TRIAL_ARGS, "--set", "pretrained=imagenet"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    message = error_line(done.stderr)
+    assert re.search(r"cannot reach the Hugging Face hub for timm/test_resnet\.\S+ .* and the weights are not in the "
+                     r"local cache; offline, pass a local weights file .*, or pretrained=none", message), message
+    assert "Retrying" not in done.stderr and not (tmp_path / "out").exists()    # one probe, no retry loop
 
 
 # --- resuming a trial from a checkpoint -----------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import ray
+import timm
+import torch
 from mlflow import MlflowClient
 
 from sweeps.ablation import Ablation
@@ -98,6 +101,10 @@ def test_ablation_logs_one_parent_and_a_child_per_arm_and_seed(ablation):
         assert config.optimizer == ("adamw" if arm == "adamw" else "adam")
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"val_predictions.npz", "thresholds.json"} <= artifacts
+        # where it ran: this machine's CPU, node and library versions
+        assert run.data.tags["device"] == "cpu" and socket.gethostname() in run.data.tags["node"]
+        assert (run.data.tags["torch_version"], run.data.tags["timm_version"]) == (torch.__version__, timm.__version__)
+        assert run.data.tags["cuda_version"] == (torch.version.cuda or "none")
 
 
 def test_ablation_parent_run_records_the_sweep(ablation):

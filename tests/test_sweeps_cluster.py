@@ -1,5 +1,18 @@
-"""On a real two-node Ray cluster (two raylets on this machine): the checks that run once Ray is up refuse a sweep
-without shared storage, and one asking more GPUs per trial than any node has."""
+"""On real Ray clusters on this machine: two raylets (one with a GPU resource but, as here, no usable CUDA device),
+and a `ray start --head` that wants token authentication. The checks that run once Ray is up refuse a sweep
+without shared storage and one asking more GPUs per trial than any node has; a trial placed on the GPU node fails
+in one line naming the node; joining the token cluster without its token is one `error:` line, in seconds."""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import pytest
 import ray
 from mlflow import MlflowClient
@@ -14,7 +27,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def two_nodes():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1, num_gpus=1)      # a GPU the node advertises; torch here finds no CUDA device
     yield cluster.address
     cluster.shutdown()
 
@@ -39,6 +52,74 @@ def test_shared_storage_passes_and_more_gpus_than_any_node_has_is_refused(two_no
     args = sweep_args(synthetic_dir, tmp_path, two_nodes, "--storage", str(tmp_path / "shared"), "--gpus-per-trial", "2")
     assert main(Ablation, args) == 2
     error = capsys.readouterr().err
-    assert "--gpus-per-trial 2: no node of this Ray cluster has that many GPUs (largest node: 0" in error
+    assert "--gpus-per-trial 2: no node of this Ray cluster has that many GPUs (largest node: 1" in error
+    assert not ray.is_initialized()
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("mn") is None
+
+
+def test_a_trial_given_a_gpu_on_a_node_without_cuda_fails_in_one_line_naming_the_node(two_nodes, synthetic_dir,
+                                                                                     tmp_path, capsys):
+    args = sweep_args(synthetic_dir, tmp_path, two_nodes, "--storage", str(tmp_path / "shared"), "--gpus-per-trial",
+                      "1", "--max-failures", "0", "--epochs", "1", "--set", "image_size=32")
+    assert main(Ablation, args) == 1                      # a node problem, not bad input
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = [r for r in client.search_runs([client.get_experiment_by_name("mn").experiment_id])
+             if r.info.run_name == "baseline-s0"]
+    assert run.info.status == "FAILED"
+    error = run.data.tags["error"]
+    assert re.search(rf"DeviceUnavailable: node {re.escape(socket.gethostname())} \([\d.]+\): this trial was given 1 "
+                     rf"GPU\(s\) but torch \S+ \(CUDA build \S+\) sees no usable CUDA device \(.*\); fix the node's "
+                     rf"NVIDIA driver or run with --gpus-per-trial 0$", error), error
+    assert client.get_metric_history(run.info.run_id, "val_auc_mean") == []
+
+
+# --- a cluster with token authentication ---------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def token_cluster():
+    """`ray start --head --block` with RAY_AUTH_MODE=token and a token of its own, in its own process group (so
+    only its processes are stopped), its own short temp folder; yields its address."""
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="cxr-ray-", dir="/tmp")       # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             f"--port={port}", "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp_dir}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the token-auth head did not come up"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        time.sleep(2)                                   # the GCS answers RPCs a moment after it listens
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)             # a throwaway cluster: no graceful 30 s shutdown needed
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_joining_a_token_cluster_without_its_token_is_one_error_line_with_the_fix(token_cluster, synthetic_dir,
+                                                                                 tmp_path, capsys, monkeypatch):
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    started = time.monotonic()
+    assert main(Ablation, sweep_args(synthetic_dir, tmp_path, token_cluster)) == 2
+    assert time.monotonic() - started < 15           # Ray's own connect retries for ~20 s, then a traceback
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert lines == [f"error: --address {token_cluster}: this Ray cluster needs token authentication and the token "
+                     f"is missing or wrong; export RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN (or "
+                     f"in ~/.ray/auth_token, or a file named by RAY_AUTH_TOKEN_PATH); `ray get-auth-token` on the "
+                     f"head node prints it"], lines
     assert not ray.is_initialized()
     assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("mn") is None
