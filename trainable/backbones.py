@@ -281,6 +281,12 @@ class LocalFolder(HubModel):
         """Local: validate() already found the files."""
 
 
+# torchxrayvision's DenseNet-121 and ResNet-50 weights -> the resolution they were trained at (its
+# models.model_urls, checked equal in tests/test_models.py), here so that validating a config does not import
+# torchxrayvision (seconds).
+XRV_WEIGHTS = {"densenet121-res224-all": 224, "densenet121-res224-nih": 224, "densenet121-res224-pc": 224,
+               "densenet121-res224-chex": 224, "densenet121-res224-rsna": 224, "densenet121-res224-mimic_nb": 224,
+               "densenet121-res224-mimic_ch": 224, "resnet50-res512-all": 512}
 # torchxrayvision weights trained on NIH ChestX-ray14 images (theirs, or RSNA's, which are NIH images), with
 # torchxrayvision's own splits: pretraining on them leaks NIH validation/test images into the backbone.
 XRV_SAW_NIH = ("densenet121-res224-all", "densenet121-res224-nih", "densenet121-res224-rsna", "resnet50-res512-all")
@@ -332,16 +338,13 @@ class XrvNetwork:
         import torchxrayvision   # imported only for xrv: backbones: it takes seconds
         return torchxrayvision
 
-    def names(self) -> list[str]:
-        return [name for name in self._xrv().models.model_urls if name.startswith(("densenet121-", "resnet50-"))]
-
     def resolution(self, cfg: Any) -> int:
-        return int(self._xrv().models.model_urls[self.weights_name(cfg)].get("input_resolution", 224))
+        return XRV_WEIGHTS[self.weights_name(cfg)]
 
     def validate(self, cfg: Any) -> None:
-        if self.weights_name(cfg) not in self.names():
+        if self.weights_name(cfg) not in XRV_WEIGHTS:
             raise ConfigError(f"config: backbone={cfg.backbone!r}: not torchxrayvision weights; expected xrv: "
-                              f"and one of: {', '.join(self.names())}")
+                              f"and one of: {', '.join(XRV_WEIGHTS)}")
         if cfg.pretrained != "none" and cfg.image_size != self.resolution(cfg):
             raise ConfigError(f"config: backbone={cfg.backbone!r} was trained at {self.resolution(cfg)} px: set "
                               f"image_size={self.resolution(cfg)} (image_size={cfg.image_size})")
