@@ -159,6 +159,10 @@ def _sweep_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = parse_overrides(args.set)
     if "epochs" in overrides:
         raise ConfigError("--set epochs: the epoch budget of a sweep is --epochs")
+    for key in ("pretrained", "backbone"):     # trials run in their own folders: local paths travel absolute
+        value = overrides.get(key)
+        if isinstance(value, str) and value not in ("none", "imagenet") and Path(value).expanduser().exists():
+            overrides[key] = str(Path(value).expanduser().resolve())
     return {**overrides, "epochs": args.epochs}
 
 
