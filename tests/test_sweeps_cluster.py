@@ -86,7 +86,7 @@ def token_cluster():
     """`ray start --head --block` with RAY_AUTH_MODE=token and a token of its own, in its own process group (so
     only its processes are stopped), its own short temp folder; yields its address."""
     port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="cxr-ray-", dir="/tmp")       # Ray's socket paths must stay short
+    temp_dir = tempfile.mkdtemp(prefix="cxr-ray-")           # short: Ray's socket paths have a length limit
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
     head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
                              f"--port={port}", "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp_dir}"],
