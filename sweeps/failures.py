@@ -30,12 +30,11 @@ class NoRetryForDeterministic(Callback):
     def __init__(self, sweep_name: str, max_failures: int):
         self.name = registry_name(sweep_name)
         self.max_failures = max_failures
-        self.reasons: dict[str, str] = {}           # trial id -> reason, this session
         self._registry = None
         self._polled = 0.0
 
     def __getstate__(self) -> dict:                 # pickled into Tune's experiment state: no actor handle
-        return {**self.__dict__, "_registry": None, "reasons": {}}
+        return {**self.__dict__, "_registry": None}
 
     def setup(self, **info: Any) -> None:
         self._registry = FailureRegistry.options(name=self.name, get_if_exists=True).remote()
@@ -53,7 +52,6 @@ class NoRetryForDeterministic(Callback):
         for trial in trials:
             if trial.trial_id in announced:
                 trial.max_failures = 0
-        self.reasons.update(announced)
         ray.get(self._registry.acknowledge.remote(list(announced)))
 
 

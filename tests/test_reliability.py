@@ -22,8 +22,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -409,20 +407,26 @@ def test_imagenet_weights_without_the_hub_stop_the_sweep_before_ray_with_the_fix
     sweep_left_nothing(sweep_out, "no-hub")
 
 
-def test_imagenet_weights_with_the_hub_out_of_reach_fail_in_seconds_not_a_minute(clean, tmp_path, cache_dir):
-    """As a user meets it: `python -m trainable` on a machine whose hub endpoint refuses connections (HF_ENDPOINT
-    at a closed port) and no cached weights. Before: ~50 s of download retries, then a traceback."""
-    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": str(tmp_path / "hf"),
-           "CXR_CACHE_DIR": str(cache_dir)}
-    env.pop("HF_HUB_OFFLINE", None)
-    done = subprocess.run([sys.executable, "-m", "trainable", "--data", str(clean), "--out", str(tmp_path / "out"),
-                           *TRIAL_ARGS, "--set", "pretrained=imagenet"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
-    message = error_line(done.stderr)
-    assert re.search(r"cannot reach the Hugging Face hub for timm/test_resnet\.\S+ .* and the weights are not in the "
-                     r"local cache; offline, pass a local weights file .*, or pretrained=none", message), message
-    assert "Retrying" not in done.stderr and not (tmp_path / "out").exists()    # one probe, no retry loop
+def test_imagenet_weights_with_the_hub_out_of_reach_fail_in_seconds_not_a_minute(clean, tmp_path, capsys,
+                                                                                monkeypatch):
+    """The trial CLI where the hub endpoint refuses connections (as HF_ENDPOINT at a closed port would make it;
+    huggingface_hub builds its URLs from this template) and no weights are cached. Before: ~50 s of download
+    retries, then a traceback; now one refused request."""
+    import huggingface_hub.constants as hub_constants
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    started = time.monotonic()
+    assert run_trial(clean, tmp_path / "out", "--set", "pretrained=imagenet") == 2
+    assert time.monotonic() - started < 10
+    captured = capsys.readouterr()
+    message = error_line(captured.err)
+    assert re.search(r"cannot reach the Hugging Face hub for timm/test_resnet\.\S+ \(.*Connection refused\) and "
+                     r"the weights are not in the local cache; offline, pass a local weights file .*, or "
+                     r"pretrained=none", message), message
+    assert "Retrying" not in captured.err and not (tmp_path / "out").exists()      # one probe, no retry loop
 
 
 # --- resuming a trial from a checkpoint -----------------------------------------------------------------------
