@@ -9,6 +9,7 @@ the driver's Tune loop, sets that trial's `max_failures` to 0 and acknowledges, 
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -20,10 +21,21 @@ from trainable.errors import UserError
 from trainable.tune import FailureRegistry
 
 POLL_EVERY_S = 0.1             # the driver's loop steps every <= 0.1 s; a failing trial waits about this long
+POLL_TIMEOUT_S = 10
+REGISTRY_START_TIMEOUT_S = 120
+logger = logging.getLogger(__name__)
 
 
 def registry_name(sweep_name: str) -> str:
     return f"cxr-ablate-failures-{sweep_name}"
+
+
+def start_registry(sweep_name: str):
+    """The sweep's FailureRegistry actor, started and answering before Tune starts; keep the handle for as long
+    as the sweep runs (the actor lives as long as this, its owner's, handle)."""
+    registry = FailureRegistry.options(name=registry_name(sweep_name)).remote()
+    ray.get(registry.take.remote(), timeout=REGISTRY_START_TIMEOUT_S)
+    return registry
 
 
 class NoRetryForDeterministic(Callback):
@@ -36,23 +48,27 @@ class NoRetryForDeterministic(Callback):
     def __getstate__(self) -> dict:                 # pickled into Tune's experiment state: no actor handle
         return {**self.__dict__, "_registry": None}
 
-    def setup(self, **info: Any) -> None:
-        self._registry = FailureRegistry.options(name=self.name, get_if_exists=True).remote()
-
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         trial.max_failures = self.max_failures      # a resumed trial zeroed in an earlier session gets them back
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
-        if self._registry is None or time.monotonic() - self._polled < POLL_EVERY_S:
+        if time.monotonic() - self._polled < POLL_EVERY_S:
             return
         self._polled = time.monotonic()
-        announced = ray.get(self._registry.take.remote())
-        if not announced:
-            return
-        for trial in trials:
-            if trial.trial_id in announced:
-                trial.max_failures = 0
-        ray.get(self._registry.acknowledge.remote(list(announced)))
+        try:
+            self._registry = self._registry or ray.get_actor(self.name)
+            announced = ray.get(self._registry.take.remote(), timeout=POLL_TIMEOUT_S)
+            if not announced:
+                return
+            for trial in trials:
+                if trial.trial_id in announced:
+                    trial.max_failures = 0
+            ray.get(self._registry.acknowledge.remote(list(announced)), timeout=POLL_TIMEOUT_S)
+        except (ValueError, ray.exceptions.RayError) as err:
+            # Never stop a sweep over this: without the registry, failures get Tune's ordinary retries.
+            self._registry = None
+            logger.warning("no-retry registry %s unavailable (%s); deterministic failures will be retried",
+                           self.name, " ".join(str(err).split())[:200])
 
 
 def cause_of(error: BaseException | None) -> BaseException | None:

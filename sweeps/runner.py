@@ -32,7 +32,7 @@ from trainable.tune import TrialContext, run_trial
 from .catalog import describe
 from .cluster import check_resources, check_shared_storage, start_ray
 from .demo import demo_data
-from .failures import NoRetryForDeterministic, cause_of, is_bad_input, registry_name
+from .failures import NoRetryForDeterministic, cause_of, is_bad_input, registry_name, start_registry
 from .mlflow_logger import FAILED, FINISHED, KILLED, MLflowTrialLogger
 from .naming import TrialDescriber, tune_trial_dirname, tune_trial_name
 from .options import EXECUTION_OPTIONS, LATEST, apply_defaults, build_parser
@@ -247,6 +247,7 @@ def _fit(sweep: Sweep, parent: SweepRun) -> int:
     # num_to_keep makes Tune save its state at every checkpoint, which resume wants; Tune would warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
+        registry = start_registry(sweep.location.name)      # noqa: F841 - held: the actor lives as long as this handle
         results = _tuner(sweep, parent, context, describer).fit()
     except BaseException as err:
         parent.set_tags({"error": f"{type(err).__name__}: {err}"[:500]})

@@ -15,7 +15,8 @@ from .errors import ConfigError
 def _pesg(cfg: Any, model: nn.Module, criterion: nn.Module | None) -> torch.optim.Optimizer:
     """LibAUC's PESG (SGD mode, its default) for the `aucm` loss: it also descends the loss's a, b and ascends
     its alpha. momentum and weight_decay are cfg's; epoch_decay (the pull toward a reference model) is LibAUC's
-    default 2e-3."""
+    default 2e-3. The learning rate follows cfg.scheduler like any optimizer's; LibAUC's stage-wise
+    `update_regularizer` (lr / 10 and a new reference model at chosen epochs) is not called."""
     from libauc.optimizers import PESG
 
     from .losses import AucMarginLoss
