@@ -26,6 +26,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def two_nodes():
+    # Ray 2.60 turns token authentication on for a local ray.init() in process-wide native config, which outlives
+    # ray.shutdown(): after an earlier test's local Ray in this process, actors (not tasks) created on a new
+    # cluster die before they start. A fresh CLI process never meets this; here Ray's own test helper resets it.
+    from ray._private.authentication_test_utils import reset_auth_token_state
+    reset_auth_token_state()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1, num_gpus=1)      # a GPU the node advertises; torch here finds no CUDA device
     yield cluster.address
