@@ -10,19 +10,22 @@ the driver's Tune loop, sets that trial's `max_failures` to 0 and acknowledges, 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
 import ray
 from ray.tune import Callback
 from ray.tune.experiment import Trial
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from trainable.errors import UserError
+from trainable.errors import ConfigError, UserError
 from trainable.tune import FailureRegistry
 
 POLL_EVERY_S = 0.1             # the driver's loop steps every <= 0.1 s; a failing trial waits about this long
 POLL_TIMEOUT_S = 10
 REGISTRY_START_TIMEOUT_S = 120
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")     # Ray colours the actor names in its error texts
 logger = logging.getLogger(__name__)
 
 
@@ -32,9 +35,25 @@ def registry_name(sweep_name: str) -> str:
 
 def start_registry(sweep_name: str):
     """The sweep's FailureRegistry actor, started and answering before Tune starts; keep the handle for as long
-    as the sweep runs (the actor lives as long as this, its owner's, handle)."""
-    registry = FailureRegistry.options(name=registry_name(sweep_name)).remote()
-    ray.get(registry.take.remote(), timeout=REGISTRY_START_TIMEOUT_S)
+    as the sweep runs (the actor lives as long as this, its owner's, handle).
+
+    An actor that cannot start is an error, not a warning: the sweep would otherwise run with deterministic
+    failures retried again (the behaviour this module exists to end), and Tune's trials are actors too, so on a
+    cluster that cannot start this one they would most likely fail as well, each after its retries.
+    """
+    name = registry_name(sweep_name)
+    try:
+        # on the driver's node: a lost worker node must not take the registry with it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        registry = FailureRegistry.options(name=name, scheduling_strategy=here).remote()
+        ray.get(registry.take.remote(), timeout=REGISTRY_START_TIMEOUT_S)
+    except (ValueError, ray.exceptions.RayError) as err:
+        # the last line says why (Ray's text above it is the actor's address and a traceback)
+        lines = [line.strip() for line in ANSI_ESCAPE.sub("", str(err)).splitlines() if line.strip()]
+        reason = lines[-1][:300] if lines else type(err).__name__
+        raise ConfigError(f"this Ray cluster could not start the sweep's actor {name} ({type(err).__name__}: "
+                          f"{reason}; waited up to {REGISTRY_START_TIMEOUT_S} s); trials are actors too and would "
+                          f"fail the same way: check `ray status` and the Ray logs of the cluster's nodes") from None
     return registry
 
 
@@ -44,6 +63,7 @@ class NoRetryForDeterministic(Callback):
         self.max_failures = max_failures
         self._registry = None
         self._polled = 0.0
+        self._warned = False
 
     def __getstate__(self) -> dict:                 # pickled into Tune's experiment state: no actor handle
         return {**self.__dict__, "_registry": None}
@@ -65,10 +85,13 @@ class NoRetryForDeterministic(Callback):
                     trial.max_failures = 0
             ray.get(self._registry.acknowledge.remote(list(announced)), timeout=POLL_TIMEOUT_S)
         except (ValueError, ray.exceptions.RayError) as err:
-            # Never stop a sweep over this: without the registry, failures get Tune's ordinary retries.
+            # Never stop a running sweep over this: without the registry (lost with its node), failures get Tune's
+            # ordinary retries. Said once, not at every poll.
             self._registry = None
-            logger.warning("no-retry registry %s unavailable (%s); deterministic failures will be retried",
-                           self.name, " ".join(str(err).split())[:200])
+            if not self._warned:
+                self._warned = True
+                logger.warning("no-retry registry %s unavailable (%s); deterministic failures will be retried",
+                               self.name, " ".join(str(err).split())[:200])
 
 
 def cause_of(error: BaseException | None) -> BaseException | None:

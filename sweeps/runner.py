@@ -181,6 +181,7 @@ def run(sweep: Sweep) -> int:
     try:
         check_shared_storage(sweep.location.storage, storage_given=sweep.args.storage is not None)
         check_resources(sweep.args.cpus_per_trial, sweep.args.gpus_per_trial)
+        registry = start_registry(sweep.location.name)  # noqa: F841 - held: the actor lives as long as this handle
         parent = _reopen_parent(sweep) if sweep.resumed else _start_parent(sweep)
         mlflow.set_tracking_uri(sweep.uri)   # read by the logger callback; never pickled into Tune's state
         return _fit(sweep, parent)
@@ -247,7 +248,6 @@ def _fit(sweep: Sweep, parent: SweepRun) -> int:
     # num_to_keep makes Tune save its state at every checkpoint, which resume wants; Tune would warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
-        registry = start_registry(sweep.location.name)      # noqa: F841 - held: the actor lives as long as this handle
         results = _tuner(sweep, parent, context, describer).fit()
     except BaseException as err:
         parent.set_tags({"error": f"{type(err).__name__}: {err}"[:500]})

@@ -16,6 +16,10 @@ ISSUE_ARMS = {  # the arms the ablation must offer, with the one setting each ch
     "efficientnet_b3": {"backbone": "efficientnet_b3"}, "cbam": {"head": "cbam"},
     "oversample_rare": {"oversample": "rare"}, "age_sex": {"demographics": "age_sex"},
     "age_sex_view": {"demographics": "age_sex_view"},
+    "pretrain_cxr": {"backbone": "xrv:densenet121-res224-chex"},
+    "pretrain_cxr_mimic": {"backbone": "xrv:densenet121-res224-mimic_ch"},
+    "pretrain_cxr_mae": {"backbone": "hf-hub:1aurent/densenet121.medmae_CXR_mae"},
+    "aucm": {"loss": "aucm", "optimizer": "pesg"},
 }
 
 
@@ -42,7 +46,7 @@ def test_every_modification_arm_changes_one_factor_of_the_baseline(arms):
     assert changes(arms["vit"], arms)["backbone"].startswith("vit_")
     factors = {arms[name].factor for name in ISSUE_ARMS}
     assert factors == {"loss", "optimizer", "scheduler", "augmentation", "backbone", "head", "sampling",
-                       "demographics"}
+                       "demographics", "pretraining"}
 
 
 def test_preset_arms_are_the_full_presets(arms):

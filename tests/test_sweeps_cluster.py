@@ -78,6 +78,34 @@ def test_a_trial_given_a_gpu_on_a_node_without_cuda_fails_in_one_line_naming_the
     assert client.get_metric_history(run.info.run_id, "val_auc_mean") == []
 
 
+
+def test_a_cluster_that_cannot_start_the_sweeps_actor_stops_it_before_anything_is_written(two_nodes, synthetic_dir,
+                                                                                          tmp_path, capsys,
+                                                                                          monkeypatch):
+    """The no-retry registry is the sweep's first actor. Where it dies at start (as on a node whose workers cannot
+    import the project), the sweep stops in one error line before its parent run and Tune, rather than running
+    with deterministic failures retried again."""
+    @ray.remote(num_cpus=0)
+    class DiesAtStart:
+        def __init__(self):
+            raise ImportError("No module named 'trainable'")
+
+        def take(self):
+            return {}
+
+    monkeypatch.setattr("sweeps.failures.FailureRegistry", DiesAtStart)
+    storage = tmp_path / "shared"
+    assert main(Ablation, sweep_args(synthetic_dir, tmp_path, two_nodes, "--storage", str(storage))) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and re.fullmatch(
+        r"error: this Ray cluster could not start the sweep's actor cxr-ablate-failures-mn \(ActorDiedError: "
+        r"ImportError: No module named 'trainable'; waited up to 120 s\); trials are actors too and would fail the "
+        r"same way: check `ray status` and the Ray logs of the cluster's nodes", lines[0]), lines
+    assert not ray.is_initialized()
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("mn") is None
+    assert not (storage / "mn" / "sweep.json").exists()
+
+
 # --- a cluster with token authentication ---------------------------------------------------------------------------
 
 def _free_port() -> int:
