@@ -1,11 +1,17 @@
 """Fixtures shared by the whole test suite."""
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+# Before torch loads, as every entry point does (trainable/__main__.py, sweeps/cluster.py): spinning OpenMP waits
+# make in-process trials several times slower on a shared machine (BENCHMARKS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from trainable.data.synthetic import generate
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from trainable.data.synthetic import generate  # noqa: E402
 
 
 @pytest.fixture(scope="session")

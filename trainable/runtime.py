@@ -2,22 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 
-CACHE_ENV = "CXR_CACHE_DIR"
-
-
-def default_cache_dir() -> Path:
-    """Node-local decode-once cache: $CXR_CACHE_DIR, else the user's cache folder (shared by all trials on a node)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cxr-ablate"
+from .data.cache import CACHE_ENV, default_cache_dir  # noqa: F401 - defined beside the cache (torch-free)
 
 
 def pick_device() -> torch.device:
