@@ -56,19 +56,17 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]
-from _common import command_line, load_average, median, usable_cores, work_folder  # noqa: E402
+from _common import command_line, load_average, median, trial_parts, usable_cores, work_folder  # noqa: E402
 
 from trainable import train as train_module  # noqa: E402
-from trainable.backends import compile_model, configure_backends  # noqa: E402
+from trainable.backends import configure_backends  # noqa: E402
 from trainable.checkpointing import EpochReporter, Predictions  # noqa: E402
 from trainable.config import TrialConfig, load_preset  # noqa: E402
 from trainable.data.augment import BatchAugment, _resample_affine, _resample_axis_aligned  # noqa: E402
 from trainable.data.cache import open_cache  # noqa: E402
 from trainable.data.loader import BatchLoader  # noqa: E402
-from trainable.losses import LabelStats, create_loss  # noqa: E402
 from trainable.metrics import epoch_metrics  # noqa: E402
-from trainable.models import create_model, input_stats  # noqa: E402
-from trainable.optim import create_optimizer, create_scheduler  # noqa: E402
+from trainable.optim import create_scheduler  # noqa: E402
 from trainable.runtime import autocast  # noqa: E402
 
 FINDINGS_COUNT = 14
@@ -185,15 +183,9 @@ class Trainer:
     @classmethod
     def build(cls, cfg: TrialConfig, device: torch.device, labels: np.ndarray, *, compiled: bool = False,
               cache_dir: Path | None = None) -> "Trainer":
-        torch.manual_seed(cfg.seed)
-        model = create_model(cfg).to(device)
-        if cfg.channels_last and device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        mean, std = input_stats(model)
-        augment = BatchAugment(cfg, mean=mean, std=std).to(device)
-        criterion = create_loss(cfg, LabelStats.from_labels(labels)).to(device)
-        forward = compile_model(model, cache_dir) if compiled else model
-        return cls(cfg, device, model, forward, augment, criterion, create_optimizer(cfg, model))
+        cfg = cfg.replace(compile=compiled)
+        parts = trial_parts(cfg, device, labels, cache_dir)
+        return cls(cfg, device, parts.model, parts.forward, parts.augment, parts.criterion, parts.optimizer)
 
     def ready_batch(self, images: np.ndarray, labels: np.ndarray, batch: int) -> tuple[torch.Tensor, ...]:
         """One batch as the augmentation hands it to the model, already on the device."""

@@ -14,25 +14,12 @@ from trainable import backends
 from trainable.checkpointing import HostCopy
 from trainable.config import TrialConfig
 from trainable.data.loader import BatchLoader
-from trainable.data.nih import DataSpec, prepare_dataset
-from trainable.data.synthetic import generate
 from trainable.models import create_model
 from trainable.train import PREDICTIONS_FILE, STATE_FILE, THRESHOLDS_FILE, load_checkpoint, predict_probs, train
 
 TINY = dict(backbone="test_resnet", pretrained="none", image_size=32, epochs=2, batch_size=16)
 # Exact resume is a CPU guarantee; on a GPU it needs deterministic mode (trainable/backends.py).
 EXACT = dict(deterministic=torch.cuda.is_available())
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    data_dir = generate(tmp_path_factory.mktemp("nih") / "data", patients=80, image_size=32, seed=3)
-    return prepare_dataset(DataSpec(data_dir=str(data_dir)), tmp_path_factory.mktemp("split"))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture
