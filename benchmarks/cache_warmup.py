@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = _run(mode, data, work, round_index)
                 results[mode].append(result)
                 print(f"\nround {round_index + 1}, {mode}: exit {result['code']}, first report after "
-                      f"{result['first']:.1f} s, all {TRIALS} after {result['all']:.1f} s, sweep {result['wall']:.1f} s "
+                      f"{result['first']:.1f} s, all {TRIALS} after {result['all']:.1f} s, "
+                      f"sweep {result['wall']:.1f} s "
                       f"(load at start {result['load']})", flush=True)
     print(f"\nmedian of {args.rounds} run(s)        first epoch reported   all 4 reported   whole sweep")
     for mode, runs in results.items():

@@ -1,6 +1,6 @@
 """Epoch wall time with the background checkpoint writer vs the former synchronous checkpoint.
 
-    .venv/bin/python benchmarks/checkpoint_overhead.py                     # CPU: DenseNet-121 at 32 px, 6 min (2 busy cores)
+    .venv/bin/python benchmarks/checkpoint_overhead.py                      # DenseNet-121, 32 px: 6 min, 2 busy cores
     .venv/bin/python benchmarks/checkpoint_overhead.py --storage-latency 1  # + 1 s per report (a slow --storage)
 
 A real trial (`trainable.train.train`, DenseNet-121 with Adam: the 84 MB checkpoint of the issue, at 32 px so

@@ -337,7 +337,8 @@ def step_model_bound(check: Check) -> dict:
                                                figures.get(f"batch{batch}_images_per_s"))
     if check.cuda:
         for batch in check.scale.batches:
-            gain = figures[f"batch{batch}_benchmark_on_images_per_s"] / figures[f"batch{batch}_benchmark_off_images_per_s"]
+            on, off = (figures[f"batch{batch}_benchmark_{state}_images_per_s"] for state in ("on", "off"))
+            gain = on / off
             figures[f"batch{batch}_benchmark_speedup"] = round(gain, 3)
     return figures
 
@@ -430,7 +431,8 @@ def step_profile(check: Check) -> dict:
     share = augment_time.seconds / step_time
     print(f"  {per_step:.0f} {unit} per step; augmentation {1e3 * augment_time.seconds / steps:.2f} ms of "
           f"{1e3 * step_time / steps:.2f} ms per step ({100 * share:.1f}%)")
-    return {"ops_per_step": per_step, "ops_counted": unit, "augment_ms_per_step": round(1e3 * augment_time.seconds / steps, 3),
+    return {"ops_per_step": per_step, "ops_counted": unit,
+            "augment_ms_per_step": round(1e3 * augment_time.seconds / steps, 3),
             "step_ms": round(1e3 * step_time / steps, 3), "augment_share": round(share, 4)}
 
 
@@ -686,8 +688,8 @@ def step_peak_memory(check: Check) -> dict:
     train_module.predict_probs(trainer.forward, trainer.augment, loader, cfg, check.device, trainer.criterion)
     eval_peak = torch.cuda.max_memory_allocated(check.device)
     gib = 2**30
-    print(f"  training at batch {cfg.batch_size}: peak {train_peak / gib:.2f} GiB allocated ({train_reserved / gib:.2f} "
-          f"reserved); evaluation at batch {count}: peak {eval_peak / gib:.2f} GiB")
+    print(f"  training at batch {cfg.batch_size}: peak {train_peak / gib:.2f} GiB allocated "
+          f"({train_reserved / gib:.2f} reserved); evaluation at batch {count}: peak {eval_peak / gib:.2f} GiB")
     return {"train_batch": cfg.batch_size, "train_peak_gib": round(train_peak / gib, 2),
             "train_reserved_gib": round(train_reserved / gib, 2), "eval_batch": count,
             "eval_peak_gib": round(eval_peak / gib, 2)}
@@ -695,8 +697,9 @@ def step_peak_memory(check: Check) -> dict:
 
 def step_compile(check: Check) -> dict:
     if not check.cuda and not check.args.compile_on_cpu:
-        raise Skip("no CUDA: inductor would compile C++ for about a minute on 2 CPU cores; --compile-on-cpu "
-                   "runs it (the recompile rule is tested with dynamo's eager backend in tests/test_gpu_ready.py)")
+        raise Skip("no CUDA: inductor would compile C++ for minutes on 2 CPU cores (BENCHMARKS.md); "
+                   "--compile-on-cpu runs it (the recompile rule is tested with dynamo's eager backend in "
+                   "tests/test_gpu_ready.py)")
     from torch._dynamo.utils import counters
     images, labels = ensure_data(check)
     bound = _need_model_bound(check)
@@ -797,7 +800,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    print(f"== GPU check on {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'the CPU (no CUDA device)'} ==")
+    where = torch.cuda.get_device_name(0) if device.type == "cuda" else "the CPU (no CUDA device)"
+    print(f"== GPU check on {where} ==")
     print(f"command: {command_line()}")
     results: dict[str, dict] = {}
     with work_folder(args.work, keep=args.keep, prefix="cxr-gpu-check-") as work:
