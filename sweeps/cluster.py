@@ -10,6 +10,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from trainable.backends import CUBLAS_WORKSPACE_ENV, DETERMINISTIC_CUBLAS_WORKSPACE
 from trainable.errors import ConfigError
 
 from .record import is_uri
@@ -27,7 +28,11 @@ def start_ray(address: str | None) -> None:
     quiet = {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="WARNING")}
     # OpenMP threads that spin while waiting collapse CPU throughput when trials share a node's cores
     # (BENCHMARKS.md); passive waiting costs nothing when a trial has its cores to itself.
-    runtime_env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
+    # A fixed cuBLAS workspace must be set before a process's first cuBLAS call: deterministic=true needs it, and
+    # a Ray actor reused across trials may have made that call in an earlier trial (trainable/backends.py).
+    runtime_env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+                                CUBLAS_WORKSPACE_ENV: os.environ.get(CUBLAS_WORKSPACE_ENV,
+                                                                     DETERMINISTIC_CUBLAS_WORKSPACE)}}
     if address:
         check_cluster_answers(address)
         try:

@@ -29,6 +29,7 @@ from trainable.data.nih import PreparedData, prepare_dataset
 from trainable.errors import ConfigError, UserError
 from trainable.tune import TrialContext, run_trial
 
+from .cache_warmup import trial_image_sizes, warm_node_caches
 from .catalog import describe
 from .cluster import check_resources, check_shared_storage, start_ray
 from .demo import demo_data
@@ -182,6 +183,10 @@ def run(sweep: Sweep) -> int:
         check_shared_storage(sweep.location.storage, storage_given=sweep.args.storage is not None)
         check_resources(sweep.args.cpus_per_trial, sweep.args.gpus_per_trial)
         registry = start_registry(sweep.location.name)  # noqa: F841 - held: the actor lives as long as this handle
+        # every node's image cache before any trial: trials then only map it (and a bad PNG fails here, once)
+        context = sweep.plan.context(sweep.data, sweep.args.cache_dir)
+        warm_node_caches(sweep.data, trial_image_sizes(context, getattr(sweep.plan, "space", None)),
+                         sweep.args.cache_dir)
         parent = _reopen_parent(sweep) if sweep.resumed else _start_parent(sweep)
         mlflow.set_tracking_uri(sweep.uri)   # read by the logger callback; never pickled into Tune's state
         return _fit(sweep, parent)

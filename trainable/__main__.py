@@ -18,6 +18,11 @@ from pathlib import Path
 # Before torch loads: spinning OpenMP waits collapse CPU throughput on a shared node (see BENCHMARKS.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from .backends import CUBLAS_WORKSPACE_ENV, DETERMINISTIC_CUBLAS_WORKSPACE  # noqa: E402 - torch-free
+
+# Before the first cuBLAS call: deterministic=true needs a fixed workspace (trainable/backends.py).
+os.environ.setdefault(CUBLAS_WORKSPACE_ENV, DETERMINISTIC_CUBLAS_WORKSPACE)
+
 from .config import TrialConfig, load_preset, parse_overrides
 from .errors import UserError
 from .runtime import CACHE_ENV

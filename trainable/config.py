@@ -60,6 +60,7 @@ class TrialConfig:
     precision: str = "fp32"               # fp32 | bf16
     channels_last: bool = False
     compile: bool = False
+    deterministic: bool = False           # bit-for-bit repeatable on a GPU (deterministic kernels, no cuDNN autotuning)
 
     def __post_init__(self) -> None:
         _validate(self)
