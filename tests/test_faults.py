@@ -35,7 +35,7 @@ MAX_FAILURES = 2
 NAME = "faults"
 KILLED_TRIAL, DIVERGED_TRIAL = "baseline-s0", "diverge-s0"
 # SGD at an absurd learning rate: the loss is NaN/inf within the first steps (see test_train_loop).
-ARMS_FILE = "diverge: {optimizer: sgd, lr: 1.0e12, momentum: 0.9, factor: divergence}\n"
+ARMS_FILE = "diverge: {optimizer: sgd, lr: 1.0e6, momentum: 0.9, factor: divergence}\n"
 TIMEOUT_S = 600
 
 pytestmark = pytest.mark.slow
