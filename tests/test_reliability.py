@@ -229,7 +229,6 @@ CORRUPTIONS = {
     "patient-in-both-lists": _patient_in_both_lists,
     "empty-split-after-filter": _empty_split_after_filter,
     "age-unparseable": _set_cell("Patient Age", "abc"),
-    "age-out-of-range": _set_cell("Patient Age", "150"),
     "semicolon-separated-csv": _semicolon_separated,
     "data-is-a-file": _data_is_a_file,
 }
