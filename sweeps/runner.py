@@ -19,7 +19,7 @@ import mlflow
 import ray
 from mlflow import MlflowClient
 from ray import tune
-from ray.tune import CLIReporter
+from ray.tune import CLIReporter, ExperimentAnalysis
 
 from search_spaces import OPTUNA_SPACE_FILE
 from trainable.__main__ import data_spec
@@ -31,6 +31,7 @@ from trainable.runtime import default_cache_dir
 from trainable.tune import ARM_KEY, TrialContext, resolve_config, run_trial
 
 from .catalog import describe
+from .checkpoint_retention import SMALL_BOOKKEEPING_ENV, CheckpointRetention, keep_latest_checkpoints
 from .cluster import check_resources, check_shared_storage, start_ray
 from .demo import demo_data
 from .mlflow_logger import FAILED, FINISHED, KILLED, MLflowTrialLogger
@@ -262,12 +263,12 @@ def _tuner(sweep: Sweep, parent: SweepRun, context: TrialContext, describer: Tri
                                     reuse_actors=True, trial_name_creator=tune_trial_name,
                                     trial_dirname_creator=tune_trial_dirname),
         run_config=tune.RunConfig(
-            name=sweep.location.name, storage_path=sweep.location.storage, callbacks=[logger], verbose=1,
+            name=sweep.location.name, storage_path=sweep.location.storage, verbose=1,
+            # older checkpoints go by CheckpointRetention: CheckpointConfig(num_to_keep) races Tune's uploads
+            callbacks=[logger, CheckpointRetention()],
             progress_reporter=CLIReporter(parameter_columns=plan.progress_parameters, metric_columns=PROGRESS_METRICS,
                                           max_report_frequency=PROGRESS_EVERY_S),
-            failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            # the latest checkpoint is all that retries, resume and the MLflow artifacts need
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+            failure_config=tune.FailureConfig(max_failures=args.max_failures)))
     # Tune has just written tuner.pkl straight to the storage; the logger records the state it saves later
     record_written(sweep.client, parent.parent_run_id, {TUNER_FILE: sweep.location.read_bytes(TUNER_FILE)})
     return tuner
@@ -278,8 +279,7 @@ def _fit(sweep: Sweep, parent: SweepRun) -> int:
     describer = sweep.plan.describer(context)
     # The new output engine ignores a passed-in progress reporter; the CLIReporter shows arm/seed and AUC/F1.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    # num_to_keep makes Tune save its state at every checkpoint, which resume wants; Tune would warn about it.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault(SMALL_BOOKKEEPING_ENV, "1")     # Tune's saved state: a path per older checkpoint
     try:
         results = _tuner(sweep, parent, context, describer).fit()
     except BaseException as err:
@@ -292,7 +292,9 @@ def _fit(sweep: Sweep, parent: SweepRun) -> int:
         parent.set_tags({"error": str(err)[:500]})
         parent.end(FAILED)
         raise
-    unfinished = unfinished_trials(sweep.location.path)
+    saved = ExperimentAnalysis(sweep.location.path).trials    # fit() returned: its final save was waited for
+    unfinished = unfinished_trials(saved)
+    keep_latest_checkpoints(saved)
     if unfinished:
         _interrupted(sweep, parent, unfinished)
     else:

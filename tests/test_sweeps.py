@@ -119,6 +119,14 @@ def test_ablation_parent_run_records_the_sweep(ablation):
     assert record["plan"]["seeds"] == list(range(SEEDS))
 
 
+def test_a_finished_sweep_keeps_only_each_trials_latest_checkpoint(ablation):
+    out, _ = ablation
+    folders = sorted(p for p in (out / "abl").iterdir() if p.is_dir())
+    assert len(folders) == len(ARMS) * SEEDS
+    for folder in folders:
+        assert [p.name for p in folder.glob("checkpoint_*")] == [f"checkpoint_{EPOCHS - 1:06d}"], folder
+
+
 def test_ablation_prints_a_table_per_arm_with_delta_vs_baseline(ablation):
     _, done = ablation
     text = done.stdout
