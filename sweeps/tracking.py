@@ -17,7 +17,6 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator, Mapping
-
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from filelock import FileLock, Timeout

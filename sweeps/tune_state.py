@@ -12,6 +12,10 @@ or added file is refused with a one-line error.
 Tune rewrites its state in a local staging folder and then uploads it in the background, so the storage may
 lag a save or two behind: the last RECENT digests of each file are accepted (all written by this driver). A
 resume narrows each file to the digest it verified.
+
+Still open, both a matter of milliseconds: tuner.pkl, which Tune writes straight to the storage, is read back
+for its digest just after; and a file could be swapped between this check and Tune's own read of it. Closing
+them would need Tune to restore from a copy on the driver's disk.
 """
 from __future__ import annotations
 
