@@ -34,10 +34,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, machine_info, print_header, process_tree, work_folder  # noqa: E402
+from _common import command_line, machine_info, print_header, work_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from sweeps.trial_processes import trial_workers  # noqa: E402
 TINY = ["--set", "backbone=test_resnet", "--set", "pretrained=none", "--set", "image_size=32",
         "--set", "batch_size=16", "--cpus-per-trial", "1", "--address", "local"]
 KILL_ARMS, KILL_SEEDS, KILL_EPOCHS = ["baseline", "focal"], 2, 4
@@ -98,20 +99,6 @@ def tally(out: Path, name: str, planned: list[str], epochs: int) -> dict:
 
 
 # --- step 1: kill a worker, then the driver, then resume ---------------------------------------------------
-
-def trial_workers(root: int, trial_name: str) -> list[int]:
-    """Ray worker processes (`ray::ImplicitFunc…`) whose working folder is the trial's (`<arm>-s<seed>_<id>`)."""
-    found = []
-    for pid in process_tree(root):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            continue
-        if command.startswith("ray::ImplicitFunc") and Path(cwd).name.startswith(f"{trial_name}_"):
-            found.append(pid)
-    return found
-
 
 def kill_step(work: Path, data: Path) -> dict:
     out, name = work / "kill", "chaos-kill"
