@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Hashable, Iterable, Mapping
 
 import yaml
 
@@ -19,17 +19,41 @@ if TYPE_CHECKING:
 HERE = Path(__file__).resolve().parent
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: plain YAML keeps the last one without a word,
+    so an arm defined twice would silently run only its second definition."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":     # `<<: *base` then overriding keys is fine
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue                                      # the base class reports unhashable keys
+            if key in first_line:
+                raise ConfigError(f"{self.name}: line {key_node.start_mark.line + 1}: {key!r} is defined twice in "
+                                  f"one mapping (first at line {first_line[key]}); give each entry its own name")
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file, turning a syntax error into a one-line ConfigError naming the file and line."""
+    """Parse a YAML file, turning a syntax error or a duplicated key into a one-line ConfigError naming the file
+    and line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
+    loader = _UniqueKeyLoader(path.read_text())
+    loader.name = str(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return loader.get_single_data()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    finally:
+        loader.dispose()
 
 
 def load_presets(path: str | Path = HERE / "presets.yaml") -> dict[str, "TrialConfig"]:
@@ -109,6 +133,9 @@ def _read_arms(path: str | Path, presets: Mapping[str, "TrialConfig"]) -> dict[s
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
                               f"{', '.join(ARM_META_KEYS)}, {', '.join(FIELD_TYPES)}")
+        if "seed" in entry:   # the grid gives every arm seeds 0..N-1; an arm's own seed would be overwritten
+            raise ConfigError(f"{where}: seed is set by the sweep (--seeds runs seeds 0..N-1 for every arm); "
+                              f"remove seed from the arm")
         keys = {k: coerce(k, v, source=where) for k, v in entry.items() if k not in ARM_META_KEYS}
         preset = entry.get("preset")
         if preset is not None and preset not in presets:

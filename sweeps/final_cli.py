@@ -15,7 +15,7 @@ from pathlib import Path
 from trainable.__main__ import add_data_arguments, data_spec
 from trainable.config import parse_overrides
 from trainable.data.nih import PreparedData, prepare_dataset, write_text_atomically
-from trainable.errors import ConfigError, UserError
+from trainable.errors import ConfigError, UserError, out_of_space
 from trainable.findings import FINDINGS
 
 from .final import FinalModel, MemberSpec, TrainedMember, fit_final, member_specs
@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run(args, parser)
+    except OSError as err:
+        full = out_of_space(err, f"--out {args.out or 'runs'}")
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return 2
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ started. What differs between an ablation and a search is a SweepKind (ablation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -19,27 +20,32 @@ import mlflow
 import ray
 from mlflow import MlflowClient
 from ray import tune
-from ray.tune import CLIReporter
+from ray.tune import CLIReporter, ExperimentAnalysis
 
 from search_spaces import OPTUNA_SPACE_FILE
 from trainable.__main__ import data_spec
-from trainable.config import parse_overrides
-from trainable.data.cache import check_png_files
+from trainable.config import TrialConfig, parse_overrides
+from trainable.data.cache import check_cache_space, check_png_files
 from trainable.data.nih import PreparedData, prepare_dataset
-from trainable.errors import ConfigError, UserError
-from trainable.tune import TrialContext, run_trial
+from trainable.errors import ConfigError, UserError, out_of_space
+from trainable.runtime import default_cache_dir
+from trainable.tune import ARM_KEY, TrialContext, resolve_config, run_trial
 
 from .cache_warmup import trial_image_sizes, warm_node_caches
 from .catalog import describe
+from .checkpoint_retention import SMALL_BOOKKEEPING_ENV, CheckpointRetention, keep_latest_checkpoints
 from .cluster import check_resources, check_shared_storage, start_ray
 from .demo import demo_data
 from .failures import NoRetryForDeterministic, cause_of, is_bad_input, registry_name, start_registry
 from .mlflow_logger import FAILED, FINISHED, KILLED, MLflowTrialLogger
 from .naming import TrialDescriber, tune_trial_dirname, tune_trial_name
 from .options import EXECUTION_OPTIONS, LATEST, apply_defaults, build_parser
-from .record import SweepLocation, SweepRecord, check_name, default_name, latest_sweep, storage_root
+from .record import (RECORD_FILE, TUNER_FILE, SweepLocation, SweepRecord, check_name, default_name, latest_sweep,
+                     storage_root, sweep_lock)
 from .report import METRIC, SweepReport, unfinished_trials
-from .tracking import SweepRun, artifact_location, connect, git_commit, mask_secrets, resolve_tracking_uri, ui_command
+from .tracking import (SweepRun, artifact_location, connect, credentials_hidden, git_commit, mask_secrets,
+                       recorded_parent_run, resolve_tracking_uri, ui_command)
+from .tune_state import check_restorable, check_unchanged, record_written
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_METRICS = {"epoch": "epoch", "val_loss": "val loss", METRIC: "AUC", "val_f1_mean": "F1"}
@@ -89,7 +95,14 @@ def main(kind: type, argv: list[str] | None = None) -> int:
         if args.list:
             print(describe(getattr(args, "arms_file", None), getattr(args, "space_file", None) or OPTUNA_SPACE_FILE))
             return 0
-        return run(prepare(kind, args, parser))
+        with contextlib.ExitStack() as held:     # the sweep's lock, for as long as this driver runs it
+            return run(prepare(kind, args, parser, held))
+    except OSError as err:
+        full = out_of_space(err, f"--out {args.out}" + (f" / --storage {args.storage}" if args.storage else ""))
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return 2
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -97,10 +110,20 @@ def main(kind: type, argv: list[str] | None = None) -> int:
 
 # --- before Ray -----------------------------------------------------------------------------------------------
 
-def prepare(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParser) -> Sweep:
+def prepare(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParser,
+            held: contextlib.ExitStack) -> Sweep:
     """Every check that needs no cluster, then the data split (written into OUT/<name>/)."""
     out = Path(args.out)
-    location, record = _locate(kind.kind, args, parser, storage_root(args.storage, out))
+    location, record = _locate(kind.kind, args, storage_root(args.storage, out), out, held)
+    uri = resolve_tracking_uri(args.mlflow_uri, out)
+    client = None
+    if record is not None:   # before anything of the record is used: its files are the driver's own
+        client = connect(uri)
+        parent = recorded_parent_run(client, location.name, record.mlflow.get("experiment_id"),
+                                     record.mlflow.get("parent_run_id"), uri)
+        check_restorable(client, location, parent)
+        _adopt_arguments(args, parser, record)
+        print(f"resuming {kind.kind} {location.name!r} from {location.path}", flush=True)
     if args.demo and args.data is None:
         args.data = str(demo_data(out))
     if args.data is None:
@@ -113,8 +136,7 @@ def prepare(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParse
     if record is not None and record.plan != plan.plan_record:
         raise ConfigError(f"--resume {location.name}: the arms or search space changed since the sweep started "
                           f"(see plan in {location.path}/sweep.json); resume with the same files")
-    uri = resolve_tracking_uri(args.mlflow_uri, out)
-    client = connect(uri)
+    client = client or connect(uri)
     if args.overwrite and record is None:
         location.remove()
         shutil.rmtree(out / location.name, ignore_errors=True)
@@ -123,14 +145,16 @@ def prepare(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParse
     if record is not None and record.data.get("fingerprint") != data.fingerprint:
         raise ConfigError(f"--resume {location.name}: the data changed since the sweep started (fingerprint "
                           f"{data.fingerprint}, recorded {record.data.get('fingerprint')})")
+    _check_cache_space(plan.context(data, args.cache_dir))
     return Sweep(args=args, plan=plan, location=location, record=record, uri=uri, client=client, data=data)
 
 
-def _locate(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParser, storage: str
+def _locate(kind: str, args: argparse.Namespace, storage: str, out: Path, held: contextlib.ExitStack
             ) -> tuple[SweepLocation, SweepRecord | None]:
-    """The sweep's folder; on --resume also its record, whose arguments replace the command line's."""
+    """The sweep's folder, locked for this driver; on --resume also its record."""
     if not args.resume:
         location = SweepLocation(storage, check_name(args.name or default_name(kind)))
+        held.enter_context(sweep_lock(location, out))
         if location.exists() and not args.overwrite:
             raise ConfigError(f"sweep {location.name!r} already exists in {storage}: --resume {location.name} "
                               f"continues it, --overwrite replaces it, --name picks another name")
@@ -139,20 +163,34 @@ def _locate(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParser
     if name is None:
         raise ConfigError(f"--resume: no {kind} sweep in {storage} to resume (give --out/--storage of the sweep)")
     location = SweepLocation(storage, check_name(name))
+    held.enter_context(sweep_lock(location, out))
     record = location.read()
-    if record is None or record.kind != kind:
+    if record is None or record.kind != kind or record.name != name:
         raise ConfigError(f"--resume {name}: no {kind} sweep recorded at {location.path}/sweep.json")
     if not tune.Tuner.can_restore(location.path):
         raise ConfigError(f"--resume {name}: {location.path} holds no Tune state (the sweep stopped before Tune "
                           f"started); start it again with --name {name} --overwrite")
+    return location, record
+
+
+def _adopt_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser, record: SweepRecord) -> None:
+    """A resumed sweep's recorded arguments replace the command line's (only the resumable options may differ)."""
     for key, recorded in record.arguments.items():
         current = getattr(args, key, None)
         if current != parser.get_default(key) and current != recorded:
-            raise ConfigError(f"--resume {name}: --{key.replace('_', '-')} {current!r} differs from the sweep's "
-                              f"{recorded!r}; a resumed sweep keeps its arguments")
+            raise ConfigError(f"--resume {record.name}: --{key.replace('_', '-')} {current!r} differs from the "
+                              f"sweep's {recorded!r}; a resumed sweep keeps its arguments")
         setattr(args, key, recorded)
-    print(f"resuming {kind} {name!r} from {location.path}", flush=True)
-    return location, record
+
+
+def _check_cache_space(context: TrialContext) -> None:
+    """The decode-once caches of every image size the sweep's trials use must fit the cache folder's disk (checked
+    on the driver's node; trials on other nodes meet a full disk as a one-line error of their own)."""
+    sizes = {resolve_config({ARM_KEY: arm}, context).image_size for arm in context.arms} or \
+        {TrialConfig.from_dict(context.base_config).image_size}
+    check_cache_space(context.cache_dir or default_cache_dir(),
+                      [(f"{context.data.fingerprint}-{split}", context.data.subset(split)["path"].tolist(), size)
+                       for split in ("train", "val") for size in sorted(sizes)])
 
 
 def _sweep_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,7 +216,8 @@ def run(sweep: Sweep) -> int:
           f"images per split {sizes}", flush=True)
     for note in sweep.data.notes():
         print(note, flush=True)
-    start_ray(sweep.args.address)
+    with credentials_hidden():   # a local Ray's workers inherit the driver's environment; trials need no MLflow
+        start_ray(sweep.args.address)
     try:
         check_shared_storage(sweep.location.storage, storage_given=sweep.args.storage is not None)
         check_resources(sweep.args.cpus_per_trial, sweep.args.gpus_per_trial)
@@ -206,12 +245,13 @@ def _start_parent(sweep: Sweep) -> SweepRun:
             "ray_version": ray.__version__}
     parent = SweepRun.start(sweep.client, location.name, artifact_root=artifact_location(sweep.uri, Path(args.out)),
                             params=params, tags=tags, replace=args.overwrite)
-    location.write(SweepRecord(
+    written = location.write(SweepRecord(
         kind=sweep.plan.kind, name=location.name, plan=sweep.plan.plan_record,
         arguments={key: value for key, value in vars(args).items() if key not in EXECUTION_OPTIONS},
         data={"fingerprint": data.fingerprint, "synthetic": data.synthetic, "sizes": data.split_sizes()},
         mlflow={"experiment_id": parent.experiment_id, "parent_run_id": parent.parent_run_id,
                 "tracking_uri": mask_secrets(sweep.uri)}))
+    record_written(sweep.client, parent.parent_run_id, {RECORD_FILE: written})
     return parent
 
 
@@ -225,23 +265,26 @@ def _tuner(sweep: Sweep, parent: SweepRun, context: TrialContext, describer: Tri
     # tune.with_parameters sends the context (split table included) through the object store once
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
-    if sweep.resumed:   # Tune's saved state has the rest, the MLflow logger included
+    if sweep.resumed:   # Tune's saved state (verified in prepare) has the rest, the MLflow logger included
         return tune.Tuner.restore(sweep.location.path, trainable=trainable, resume_errored=True)
     logger = MLflowTrialLogger(experiment_id=parent.experiment_id, parent_run_id=parent.parent_run_id,
                                describer=describer)
     no_retry = NoRetryForDeterministic(sweep.location.name, args.max_failures)
-    return tune.Tuner(
+    tuner = tune.Tuner(
         trainable, param_space=plan.param_space(),
         tune_config=tune.TuneConfig(**plan.tune_options(), max_concurrent_trials=args.max_concurrent or None,
                                     reuse_actors=True, trial_name_creator=tune_trial_name,
                                     trial_dirname_creator=tune_trial_dirname),
         run_config=tune.RunConfig(
-            name=sweep.location.name, storage_path=sweep.location.storage, callbacks=[logger, no_retry], verbose=1,
+            name=sweep.location.name, storage_path=sweep.location.storage, verbose=1,
+            # older checkpoints go by CheckpointRetention: CheckpointConfig(num_to_keep) races Tune's uploads
+            callbacks=[logger, no_retry, CheckpointRetention()],
             progress_reporter=CLIReporter(parameter_columns=plan.progress_parameters, metric_columns=PROGRESS_METRICS,
                                           max_report_frequency=PROGRESS_EVERY_S),
-            failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            # the latest checkpoint is all that retries, resume and the MLflow artifacts need
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+            failure_config=tune.FailureConfig(max_failures=args.max_failures)))
+    # Tune has just written tuner.pkl straight to the storage; the logger records the state it saves later
+    record_written(sweep.client, parent.parent_run_id, {TUNER_FILE: sweep.location.read_bytes(TUNER_FILE)})
+    return tuner
 
 
 def _fit(sweep: Sweep, parent: SweepRun) -> int:
@@ -250,15 +293,22 @@ def _fit(sweep: Sweep, parent: SweepRun) -> int:
     describer = sweep.plan.describer(context)
     # The new output engine ignores a passed-in progress reporter; the CLIReporter shows arm/seed and AUC/F1.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    # num_to_keep makes Tune save its state at every checkpoint, which resume wants; Tune would warn about it.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault(SMALL_BOOKKEEPING_ENV, "1")     # Tune's saved state: a path per older checkpoint
     try:
         results = _tuner(sweep, parent, context, describer).fit()
     except BaseException as err:
         parent.set_tags({"error": f"{type(err).__name__}: {err}"[:500]})
         parent.end(KILLED if isinstance(err, KeyboardInterrupt) else FAILED)
         raise
-    unfinished = unfinished_trials(sweep.location.path)
+    try:
+        check_unchanged(sweep.client, sweep.location, parent.parent_run_id)   # read back below: pickles too
+    except ConfigError as err:
+        parent.set_tags({"error": str(err)[:500]})
+        parent.end(FAILED)
+        raise
+    saved = ExperimentAnalysis(sweep.location.path).trials    # fit() returned: its final save was waited for
+    unfinished = unfinished_trials(saved)
+    keep_latest_checkpoints(saved)
     if unfinished:
         _interrupted(sweep, parent, unfinished)
     else:

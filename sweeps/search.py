@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from typing import Any, Callable
 
 import optuna
@@ -112,8 +113,8 @@ class Search:
             raise ConfigError(f"--num-samples {args.num_samples}: expected at least 1")
         if not 1 <= args.grace_period <= args.epochs:
             raise ConfigError(f"--grace-period {args.grace_period}: expected 1..--epochs ({args.epochs})")
-        if args.reduction_factor <= 1:
-            raise ConfigError(f"--reduction-factor {args.reduction_factor:g}: expected a number above 1")
+        if not 1 < args.reduction_factor < math.inf:
+            raise ConfigError(f"--reduction-factor {args.reduction_factor:g}: expected a finite number above 1")
         space_file = args.space_file or OPTUNA_SPACE_FILE
         space = load_optuna_space(space_file)
         self.space = space.without(sweep_overrides)

@@ -2,6 +2,11 @@
 
 The embedded default is one SQLite file written only by the driver (see mlflow_logger), so it never has
 concurrent writers; `--mlflow-uri` / MLFLOW_TRACKING_URI points at a tracking server for shared use.
+
+Credentials never travel in the URI MLflow sees: a `user:password@` in an http(s) URI is moved into MLflow's own
+MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD before any client exists, and MLflow's "View run … at: URL"
+lines are switched off, so no password reaches output, params, tags or sweep.json (the URI is also masked
+wherever it is printed or recorded, for tokens in a query string).
 """
 from __future__ import annotations
 
@@ -12,15 +17,20 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+from urllib.parse import unquote, urlsplit, urlunsplit
 
+from filelock import FileLock, Timeout
 from mlflow import MlflowClient
-from mlflow.entities import Param, RunStatus, RunTag, ViewType
+from mlflow.entities import Param, Run, RunStatus, RunTag, ViewType
 
 from trainable.errors import ConfigError
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 PROBE_TIMEOUT_S = "10"
+STORE_LOCK_TIMEOUT_S = 300      # a second driver waits this long for the first to create the embedded store
+USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+CREDENTIAL_ENVS = (USERNAME_ENV, PASSWORD_ENV, "MLFLOW_TRACKING_TOKEN")
 PARENT_RUN_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 # MLflow caps a param value at 6000 characters; longer ones (e.g. a long --arms list) are cut with a marker.
@@ -37,11 +47,42 @@ def mask_secrets(text: str) -> str:
 
 
 def resolve_tracking_uri(cli_uri: str | None, out: Path) -> str:
-    """--mlflow-uri, else MLFLOW_TRACKING_URI, else a SQLite file in the output folder."""
+    """--mlflow-uri, else MLFLOW_TRACKING_URI, else a SQLite file in the output folder; a server URI's
+    `user:password@` moved into MLflow's credential variables (see credentials_from_uri)."""
+    # MLflow prints "View run <name> at: <tracking URI>/#/…" whenever a run against a server ends: off.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return uri
+        return credentials_from_uri(uri)
     return f"sqlite:///{(out.expanduser().resolve() / DB_FILE).as_posix()}"
+
+
+def credentials_from_uri(uri: str) -> str:
+    """The http(s) URI without its userinfo, which goes to MLFLOW_TRACKING_USERNAME/_PASSWORD (how MLflow's REST
+    client authenticates); other URIs (e.g. postgresql://, whose driver needs the password) unchanged."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    username, _, password = userinfo.partition(":")
+    os.environ[USERNAME_ENV] = unquote(username)
+    if password:
+        os.environ[PASSWORD_ENV] = unquote(password)
+    plain = urlunsplit(parts._replace(netloc=host))
+    if os.environ.get("MLFLOW_TRACKING_URI") == uri:     # MLflow reads the variable itself, e.g. in mlflow.pytorch
+        os.environ["MLFLOW_TRACKING_URI"] = plain
+    return plain
+
+
+@contextlib.contextmanager
+def credentials_hidden() -> Iterator[None]:
+    """Tracking credentials out of the environment meanwhile: a local Ray started now passes its environment to
+    every trial worker, and trials never talk to MLflow."""
+    saved = {key: os.environ.pop(key) for key in CREDENTIAL_ENVS if key in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def is_embedded(uri: str) -> bool:
@@ -75,18 +116,37 @@ def _quick_failure() -> Iterator[None]:
 
 
 def connect(uri: str) -> MlflowClient:
-    """A client for the store, after checking that it answers (and creating the SQLite file if needed)."""
-    if is_embedded(uri):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
-    client = MlflowClient(tracking_uri=uri)
+    """A client for the store, after checking that it answers; an embedded SQLite store is created (schema
+    migrations included) by one process at a time, so two drivers starting on a fresh --out cannot leave it
+    half-migrated."""
+    if not is_embedded(uri):
+        return _open_store(uri)
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
+    try:
+        with FileLock(f"{db}.lock", timeout=STORE_LOCK_TIMEOUT_S):
+            return _open_store(uri)
+    except Timeout:
+        raise ConfigError(f"{db}: another process has been creating this MLflow store for over "
+                          f"{STORE_LOCK_TIMEOUT_S} s (it holds {db}.lock); try again when it is done") from None
+
+
+def _open_store(uri: str) -> MlflowClient:
     with _quick_failure():
         try:
+            # MLflow opens (and creates or migrates) a SQL store in the constructor: inside the try, too
+            client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001 - any failure here means "cannot use this store"
-            reason = mask_secrets(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+            text = str(err).strip()
+            reason = mask_secrets(text.splitlines()[0] if text else type(err).__name__)[:300]
+            if is_embedded(uri):
+                raise ConfigError(f"{uri.removeprefix('sqlite:///')}: the embedded MLflow store cannot be opened "
+                                  f"({type(err).__name__}: {reason}); move the file away to start a new store, "
+                                  f"or pass --mlflow-uri") from None
             raise ConfigError(f"--mlflow-uri {mask_secrets(uri)}: the MLflow tracking store does not answer "
-                              f"({reason[:300]}); start the server or pass another --mlflow-uri") from None
+                              f"({reason}); start the server or pass another --mlflow-uri") from None
     return client
 
 
@@ -130,13 +190,7 @@ class SweepRun:
     def reopen(cls, client: MlflowClient, name: str, experiment_id: str, parent_run_id: str,
                uri: str) -> "SweepRun":
         """The parent run of a sweep being resumed, RUNNING again."""
-        try:
-            run = client.get_run(parent_run_id)
-        except Exception:  # noqa: BLE001 - MLflow raises its own exception types per store
-            run = None
-        if run is None or run.info.experiment_id != experiment_id:
-            raise ConfigError(f"--resume {name}: its parent run {parent_run_id} is not in the MLflow store "
-                              f"{mask_secrets(uri)}; resume with the --mlflow-uri the sweep started with")
+        run = recorded_parent_run(client, name, experiment_id, parent_run_id, uri)
         resumes = int(run.data.tags.get("resumes", "0")) + 1
         client.update_run(parent_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         client.set_tag(parent_run_id, "resumes", str(resumes))
@@ -150,6 +204,19 @@ class SweepRun:
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.parent_run_id, status=status)
+
+
+def recorded_parent_run(client: MlflowClient, name: str, experiment_id: str, parent_run_id: str, uri: str) -> Run:
+    """The parent run sweep.json names, checked to be a run of the sweep's own experiment."""
+    try:
+        run = client.get_run(parent_run_id)
+        experiment = client.get_experiment(run.info.experiment_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception types per store
+        run = experiment = None
+    if run is None or run.info.experiment_id != experiment_id or experiment.name != name:
+        raise ConfigError(f"--resume {name}: its parent run {parent_run_id} is not in the MLflow store "
+                          f"{mask_secrets(uri)}; resume with the --mlflow-uri the sweep started with")
+    return run
 
 
 def _experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:

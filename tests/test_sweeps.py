@@ -6,6 +6,8 @@ import glob
 import json
 import os
 import pickle
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,9 +22,12 @@ import torch
 from mlflow import MlflowClient
 
 from sweeps.ablation import Ablation
+from sweeps.record import SweepLocation
 from sweeps.runner import main
 from sweeps.search import Search
+from sweeps.tune_state import StateDigests
 from trainable.config import TrialConfig
+from trainable.errors import ConfigError
 from trainable.findings import FINDINGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +126,14 @@ def test_ablation_parent_run_records_the_sweep(ablation):
     assert record["plan"]["seeds"] == list(range(SEEDS))
 
 
+def test_a_finished_sweep_keeps_only_each_trials_latest_checkpoint(ablation):
+    out, _ = ablation
+    folders = sorted(p for p in (out / "abl").iterdir() if p.is_dir())
+    assert len(folders) == len(ARMS) * SEEDS
+    for folder in folders:
+        assert [p.name for p in folder.glob("checkpoint_*")] == [f"checkpoint_{EPOCHS - 1:06d}"], folder
+
+
 def test_ablation_prints_a_table_per_arm_with_delta_vs_baseline(ablation):
     _, done = ablation
     text = done.stdout
@@ -205,6 +218,73 @@ def test_killed_sweep_resumes_with_each_trial_once_in_mlflow(env, synthetic_dir,
     assert "kil" in done.stdout and "AUC mean ± sd" in done.stdout
 
 
+# --- Tune state someone else wrote -------------------------------------------------------------------------------
+
+class _RunsOnUnpickling:
+    """A pickle that, when loaded, creates the file `marker`: what an attacker with write access to the storage
+    would put into a sweep's Tune state."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _tamper_tuner(folder: Path, marker: Path) -> None:
+    (folder / "tuner.pkl").write_bytes(pickle.dumps(_RunsOnUnpickling(marker)))
+
+
+def _tamper_experiment_state(folder: Path, marker: Path) -> None:
+    [state] = folder.glob("experiment_state-*.json")      # a finished trial made to look unfinished
+    text = state.read_text()
+    assert "TERMINATED" in text
+    state.write_text(text.replace("TERMINATED", "PENDING", 1))
+
+
+def _add_searcher_state(folder: Path, marker: Path) -> None:     # newer than any real one: Tune would load it
+    (folder / "searcher-state-9999-12-31_23-59-59.pkl").write_bytes(pickle.dumps(_RunsOnUnpickling(marker)))
+
+
+def _tamper_record(folder: Path, marker: Path) -> None:          # a resume obeys sweep.json's arguments
+    record = json.loads((folder / "sweep.json").read_text())
+    record["arguments"]["data"] = str(marker.parent)
+    (folder / "sweep.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("tamper", [_tamper_tuner, _tamper_experiment_state, _add_searcher_state, _tamper_record],
+                         ids=["tuner.pkl", "experiment_state", "added-searcher-state", "sweep.json"])
+def test_resume_refuses_tune_state_that_the_driver_did_not_write(ablation, tmp_path, capsys, tamper):
+    """The finished ablation's --out copied, one state file changed or added on the copy's storage, then
+    --resume: refused in one line before Ray starts, and nothing of the file was unpickled."""
+    out, _ = ablation
+    copy = Path(shutil.copytree(out, tmp_path / "out"))
+    marker = tmp_path / "code-ran"
+    tamper(copy / "abl", marker)
+    assert main(Ablation, ["--resume", "abl", "--out", str(copy)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: --resume abl: "), error
+    assert re.search(r"(was changed after this sweep's driver wrote it|was not written by this sweep's driver).*"
+                     r"refusing to go on", error[0]), error[0]
+    assert not marker.exists() and not ray.is_initialized()
+
+
+def test_every_tune_state_file_of_a_search_is_recorded_and_a_changed_searcher_state_is_found(search, tmp_path):
+    out, _ = search
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    _, parent, _ = mlflow_runs(out, "srch")
+    location = SweepLocation(str(out), "srch")
+    digests = StateDigests.load(client, parent.info.run_id)
+    verified = digests.verify(location, "check")
+    assert {"tuner.pkl", "sweep.json"} | {p.name for p in (out / "srch").glob("searcher-state-*.pkl")} | \
+        {p.name for p in (out / "srch").glob("experiment_state-*.json")} <= set(verified)
+    copy = Path(shutil.copytree(out / "srch", tmp_path / "srch"))
+    [searcher] = copy.glob("searcher-state-*.pkl")
+    searcher.write_bytes(searcher.read_bytes() + b"\0")
+    with pytest.raises(ConfigError, match=rf"{re.escape(searcher.name)} was changed after this sweep's driver"):
+        digests.verify(SweepLocation(str(tmp_path), "srch"), "check")
+
+
 # --- refused before anything runs -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, arms_text, expected", [
@@ -212,12 +292,17 @@ def test_killed_sweep_resumes_with_each_trial_once_in_mlflow(env, synthetic_dir,
     (["--arms", "baseline,x"], "x: {loss: focal\n", r"arms\.yaml: line \d+ is not valid YAML"),
     (["--arms", "baseline,x"], "x: {loss: hinge}\n", r"arm 'x': loss='hinge' is not one of"),
     (["--arms", "baseline,nope"], None, r"--arms 'baseline,nope': unknown arm\(s\) 'nope'; known arms: baseline"),
+    (["--arms", "baseline,x"], "x: {loss: focal, seed: 7}\n", r"arms\.yaml: arm 'x': seed is set by the sweep"),
+    (["--arms", "baseline,x"], "x: {loss: focal}\nx: {loss: asl}\n", r"arms\.yaml: line 2: 'x' is defined twice"),
     (["--set", "head=mlp"], None, r"arm 'baseline' with --set/--epochs: head='mlp' is not one of: linear, cbam"),
-    (["--mlflow-uri", "http://me:s3cret@127.0.0.1:9"], None, r"--mlflow-uri http://me:\*\*\*@127\.0\.0\.1:9: the "
+    (["--mlflow-uri", "http://me:s3cret@127.0.0.1:9"], None, r"--mlflow-uri http://127\.0\.0\.1:9: the "
                                                              r"MLflow tracking store does not answer"),
     (["--resume"], None, r"--resume: no ablation sweep in .* to resume"),
 ])
-def test_bad_input_fails_in_one_line_before_ray_starts(synthetic_dir, tmp_path, capsys, extra, arms_text, expected):
+def test_bad_input_fails_in_one_line_before_ray_starts(synthetic_dir, tmp_path, capsys, monkeypatch, extra,
+                                                       arms_text, expected):
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):   # the runner sets them from the URI
+        monkeypatch.setenv(name, "")
     args = ["--data", str(synthetic_dir), "--out", str(tmp_path / "out"), *TINY, *extra]
     if arms_text is not None:
         (tmp_path / "arms.yaml").write_text(arms_text)
@@ -225,7 +310,7 @@ def test_bad_input_fails_in_one_line_before_ray_starts(synthetic_dir, tmp_path, 
     assert main(Ablation, args) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and error.startswith("error: ")
-    assert __import__("re").search(expected, error), error
+    assert re.search(expected, error), error
     assert "s3cret" not in error
     assert not ray.is_initialized()
     assert not (tmp_path / "out" / "mlflow.db").exists()

@@ -42,7 +42,7 @@ def test_every_factor_family_trains_and_reports(prepared, cache_dir, overrides):
 
 def test_exploding_loss_fails_the_trial_with_the_reason(prepared, cache_dir):
     with pytest.raises(TrialDiverged, match=r"training loss became (nan|inf) at epoch 1"):
-        run(prepared, cache_dir, optimizer="sgd", lr=1e12, momentum=0.9, epochs=2)
+        run(prepared, cache_dir, optimizer="sgd", lr=1e6, momentum=0.9, epochs=2)
 
 
 def test_early_stopping_rule():

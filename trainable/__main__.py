@@ -24,7 +24,7 @@ from .backends import CUBLAS_WORKSPACE_ENV, DETERMINISTIC_CUBLAS_WORKSPACE  # no
 os.environ.setdefault(CUBLAS_WORKSPACE_ENV, DETERMINISTIC_CUBLAS_WORKSPACE)
 
 from .config import TrialConfig, load_preset, parse_overrides
-from .errors import UserError
+from .errors import UserError, out_of_space
 from .runtime import CACHE_ENV
 
 
@@ -105,6 +105,13 @@ def run(args: argparse.Namespace) -> None:
     reported: list[int] = []
     try:
         _run_trial(args, cfg, out, resume_epoch, reported)
+    except OSError as err:
+        full = out_of_space(err, f"--out {out}")
+        if full is None:
+            raise
+        if fresh and not reported:
+            shutil.rmtree(out, ignore_errors=True)
+        raise full from None
     except UserError:
         if fresh and not reported:
             shutil.rmtree(out, ignore_errors=True)
@@ -113,7 +120,9 @@ def run(args: argparse.Namespace) -> None:
 
 def _run_trial(args: argparse.Namespace, cfg: TrialConfig, out: Path, resume_epoch: int | None,
                reported: list[int]) -> None:
+    from .data.cache import check_cache_space
     from .data.nih import prepare_dataset, write_text_atomically
+    from .runtime import default_cache_dir
     from .train import copy_checkpoint, train
 
     if args.overwrite and not args.resume:
@@ -126,9 +135,14 @@ def _run_trial(args: argparse.Namespace, cfg: TrialConfig, out: Path, resume_epo
     for note in data.notes():
         print(note)
 
+    check_cache_space(args.cache_dir or default_cache_dir(),
+                      [(f"{data.fingerprint}-{split}", data.subset(split)["path"].tolist(), cfg.image_size)
+                       for split in ("train", "val")])
     metrics_path = out / "metrics.jsonl"
-    if resume_epoch is not None:  # keep the lines of epochs that the resumed run does not repeat
-        kept = [line for line in _read_lines(metrics_path) if json.loads(line)["epoch"] <= resume_epoch]
+    lines = [] if resume_epoch is None else _read_metrics(metrics_path)
+    # a resumed run keeps the lines of the epochs it does not repeat; each epoch rewrites the file whole
+    kept = [line for line, metrics in lines if metrics["epoch"] <= resume_epoch]
+    if resume_epoch is not None:
         write_text_atomically(metrics_path, "".join(kept))
 
     def report(metrics: dict, checkpoint: Path) -> None:
@@ -137,8 +151,8 @@ def _run_trial(args: argparse.Namespace, cfg: TrialConfig, out: Path, resume_epo
         copy_checkpoint(checkpoint, destination)
         for name in ("val_predictions.npz", "thresholds.json"):
             shutil.copyfile(checkpoint / name, out / name)
-        with metrics_path.open("a") as stream:
-            stream.write(json.dumps({"synthetic_data": data.synthetic, **metrics}) + "\n")
+        kept.append(json.dumps({"synthetic_data": data.synthetic, **metrics}) + "\n")
+        write_text_atomically(metrics_path, "".join(kept))     # a full disk cannot leave half a line
         reported.append(metrics["epoch"])
         print(f"epoch {metrics['epoch']}: val_loss {metrics['val_loss']:.4f} "
               f"val_auc_mean {metrics['val_auc_mean']:.4f} val_f1_mean {metrics['val_f1_mean']:.4f}", flush=True)
@@ -146,8 +160,21 @@ def _run_trial(args: argparse.Namespace, cfg: TrialConfig, out: Path, resume_epo
     train(cfg, data, report, cache_dir=args.cache_dir, resume_from=args.resume)
 
 
-def _read_lines(path: Path) -> list[str]:
-    return path.read_text().splitlines(keepends=True) if path.exists() else []
+def _read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """(line, parsed) per line of an earlier run's metrics.jsonl; a line that is not an epoch's JSON object (cut
+    short by a kill or a full disk, or edited) is a UserError naming it."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+    parsed = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            metrics = json.loads(line)
+            int(metrics["epoch"])
+        except (ValueError, TypeError, KeyError):
+            raise UserError(f"--resume: {path} line {number} is not an epoch's JSON object ({line.strip()[:60]!r}, "
+                            f"cut short?); expected one JSON object with an 'epoch' per line: delete or repair the "
+                            f"line") from None
+        parsed.append((line if line.endswith("\n") else line + "\n", metrics))
+    return parsed
 
 
 if __name__ == "__main__":

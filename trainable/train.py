@@ -300,10 +300,18 @@ def _restore(folder: Path, model, optimizer, scheduler, criterion, cfg: TrialCon
 
 
 def copy_checkpoint(source: Path, destination: Path) -> None:
-    """Copy a checkpoint folder so that `destination` appears complete or not at all."""
+    """Copy a checkpoint folder so that `destination` appears complete or not at all; on any failure (a full disk)
+    the partial copy is removed and the OSError raised as is (shutil.copytree would wrap it without its errno)."""
     staging = destination.with_name(destination.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    if destination.exists():
-        shutil.rmtree(destination)
-    os.replace(staging, destination)
+    try:
+        staging.mkdir(parents=True)
+        for entry in source.iterdir():
+            copy = shutil.copytree if entry.is_dir() else shutil.copy2
+            copy(entry, staging / entry.name)
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -33,7 +34,7 @@ from filelock import FileLock
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..errors import DataError
+from ..errors import NO_SPACE_ERRNOS, DataError
 
 CACHE_ENV = "CXR_CACHE_DIR"
 TRIAL_SPLITS = ("train", "val")   # the splits a trial reads (trainable.train); a sweep's driver caches them first
@@ -263,12 +264,23 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _reserve(path: Path, size: int) -> None:
+    """Create `path` with `size` bytes allocated on disk. A sparse file would let a full disk surface as SIGBUS
+    (`Bus error`, no message) at the first page the workers write through the memory map."""
+    with open(path, "wb") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as error:
+            if error.errno not in NO_SPACE_ERRNOS:
+                raise
+            raise _no_space(path.parent, size, path.name.split(".partial")[0], error.strerror) from None
+
+
 def _build(files: _CacheFiles, paths: Sequence[str], image_size: int, expected: dict, workers: int,
            progress: bool, on_progress: Callable[[int], None] | None = None) -> None:
     files.remove_incomplete()
-    with open(files.partial_data, "wb") as handle:
-        handle.truncate(int(np.prod(expected["shape"])))     # sparse until the workers fill it
     try:
+        _reserve(files.partial_data, int(np.prod(expected["shape"])))
         with tqdm(total=len(paths), unit="img", disable=not progress,
                   desc=f"caching {files.data.name}") as progress_bar:
             bar = _Progress(progress_bar, on_progress)
@@ -325,6 +337,33 @@ def build_cache(paths: Sequence[str], *, image_size: int, cache_dir: str | os.Pa
     files.folder.mkdir(parents=True, exist_ok=True)
     with FileLock(files.lock):
         return _ensure_built(files, paths, image_size, expected, workers, progress, on_progress)
+
+
+def cache_bytes(count: int, image_size: int) -> int:
+    return count * image_size * image_size
+
+
+def check_cache_space(cache_dir: str | os.PathLike, caches: Sequence[tuple[str, Sequence[str], int]]) -> None:
+    """Refuse, before any trial starts, caches (key, paths, image size) that do not fit on the cache folder's disk;
+    caches already built there count nothing."""
+    cache_dir = Path(cache_dir)
+    missing = [(key, len(paths), size) for key, paths, size in caches if paths and not _is_valid(
+        _CacheFiles(cache_dir, key, size), _expected_manifest((len(paths), size, size), _paths_hash(paths)))]
+    needed = sum(cache_bytes(count, size) for _, count, size in missing)
+    if needed > _free_bytes(cache_dir):
+        sizes = ", ".join(str(size) for size in sorted({size for _, _, size in missing}))
+        images = sum(count for _, count, _ in missing)
+        raise _no_space(cache_dir, needed, f"{len(missing)} cache file(s), {images} images at {sizes} px")
+
+
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(next(f for f in (folder, *folder.parents) if f.exists())).free
+
+
+def _no_space(folder: Path, needed: int, what: str, reason: str | None = None) -> DataError:
+    return DataError(f"{folder}: no space for the image cache ({what}): {needed} bytes ({needed / 2**20:.1f} MiB) "
+                     f"needed, {_free_bytes(folder)} bytes free{f' ({reason})' if reason else ''}; free space there "
+                     f"or point --cache-dir / ${CACHE_ENV} at a larger disk")
 
 
 def open_cache(paths: Sequence[str], *, image_size: int, cache_dir: str | os.PathLike, key: str,
