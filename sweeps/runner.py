@@ -36,7 +36,7 @@ from .catalog import describe
 from .checkpoint_retention import SMALL_BOOKKEEPING_ENV, CheckpointRetention, keep_latest_checkpoints
 from .cluster import check_resources, check_shared_storage, start_ray
 from .demo import demo_data
-from .failures import NoRetryForDeterministic, cause_of, is_bad_input, registry_name, start_registry
+from .failures import NoRetryForDeterministic, bad_input_reason, is_bad_input, registry_name, start_registry
 from .mlflow_logger import FAILED, FINISHED, KILLED, MLflowTrialLogger
 from .naming import TrialDescriber, tune_trial_dirname, tune_trial_name
 from .options import EXECUTION_OPTIONS, LATEST, apply_defaults, build_parser
@@ -322,7 +322,7 @@ def _exit_code(results: tune.ResultGrid, unfinished: list[str]) -> int:
     """0: every trial finished; 2: some trial failed on bad input (config, data, weights); 1: otherwise."""
     bad = [result for result in results if result.error is not None and is_bad_input(result.error)]
     if bad:
-        first = " ".join(str(cause_of(bad[0].error)).split())[:300]
+        first = bad_input_reason(bad[0].error)[:300]
         print(f"error: {len(bad)} trial(s) failed on bad input, each once (not retried); first: {first}",
               file=sys.stderr, flush=True)
         return 2
