@@ -118,7 +118,7 @@ def trial_parts(cfg: Any, device: Any, labels: np.ndarray, cache_dir: Path) -> T
     augment = BatchAugment(cfg, mean=mean, std=std).to(device)
     criterion = create_loss(cfg, LabelStats.from_labels(labels)).to(device)
     forward = compile_model(model, cache_dir) if cfg.compile else model
-    return TrialParts(model, forward, augment, criterion, create_optimizer(cfg, model))
+    return TrialParts(model, forward, augment, criterion, create_optimizer(cfg, model, criterion))
 
 
 # --- work folders -------------------------------------------------------------------------------------------

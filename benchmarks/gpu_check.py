@@ -532,7 +532,7 @@ def step_epoch_tail(check: Check) -> dict:
         shutil.copytree(folder, target)
         sizes.append(sum(p.stat().st_size for p in target.iterdir()))
 
-    state = train_module._checkpoint_state(trainer.model, trainer.optimizer, scheduler,
+    state = train_module._checkpoint_state(trainer.model, trainer.optimizer, scheduler, trainer.criterion,
                                            train_module.TrialProgress(), cfg)
     predictions = Predictions(np.array([f"{i}.png" for i in range(NIH_VAL_IMAGES)]), nih_labels,
                               nih_labels, thresholds)
