@@ -58,10 +58,11 @@ REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]
 from _common import command_line, load_average, median, trial_parts, usable_cores, work_folder  # noqa: E402
 
+from search_spaces import load_preset  # noqa: E402
 from trainable import train as train_module  # noqa: E402
 from trainable.backends import configure_backends  # noqa: E402
 from trainable.checkpointing import EpochReporter, Predictions  # noqa: E402
-from trainable.config import TrialConfig, load_preset  # noqa: E402
+from trainable.config import TrialConfig  # noqa: E402
 from trainable.data.augment import BatchAugment, _resample_affine, _resample_axis_aligned  # noqa: E402
 from trainable.data.cache import open_cache  # noqa: E402
 from trainable.data.loader import BatchLoader  # noqa: E402

@@ -17,11 +17,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sweeps.tracking import DB_FILE, PARENT_RUN_TAG, resolve_tracking_uri
 from trainable.checkpoint_files import PREDICTIONS_FILE, THRESHOLDS_FILE
 from trainable.errors import DataError, UserError
 
 from .effects import TrialPredictions
+from .mlflow_store import DB_FILE, PARENT_RUN_TAG, resolve_tracking_uri
+from .mlflow_store import connect as connect_and_check
 
 DEFAULT_STORE = Path("runs") / DB_FILE     # where the sweeps put the embedded store with their default --out
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -88,7 +89,6 @@ def connect(uri: str):
     """An MlflowClient for the store; a missing SQLite file is an error here, not a new empty store."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserError(f"--mlflow-uri {uri}: no such SQLite file")
-    from sweeps.tracking import connect as connect_and_check   # the sweeps' own probe, with its one-line error
     return connect_and_check(uri)
 
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Hashable, Iterable, Mapping
+from typing import Any, Hashable, Iterable, Mapping
 
 import yaml
 
+from trainable.config import CHOICES, FIELD_TYPES, TrialConfig, coerce
 from trainable.errors import ConfigError
-
-if TYPE_CHECKING:
-    from trainable.config import TrialConfig
 
 HERE = Path(__file__).resolve().parent
 
@@ -56,9 +54,8 @@ def read_yaml(path: str | Path) -> Any:
         loader.dispose()
 
 
-def load_presets(path: str | Path = HERE / "presets.yaml") -> dict[str, "TrialConfig"]:
+def load_presets(path: str | Path = HERE / "presets.yaml") -> dict[str, TrialConfig]:
     """Every preset validated as a full TrialConfig (defaults + the preset's overrides)."""
-    from trainable.config import TrialConfig
     raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of preset name -> overrides")
@@ -66,9 +63,16 @@ def load_presets(path: str | Path = HERE / "presets.yaml") -> dict[str, "TrialCo
             for name, values in raw.items()}
 
 
-def build_config(values: Mapping[str, Any], source: str) -> "TrialConfig":
+def load_preset(name: str) -> TrialConfig:
+    """A named preset from presets.yaml (plain config overrides of the CheXNet defaults)."""
+    presets = load_presets()
+    if name not in presets:
+        raise ConfigError(f"preset {name!r} is not one of: {', '.join(presets)}")
+    return presets[name]
+
+
+def build_config(values: Mapping[str, Any], source: str) -> TrialConfig:
     """TrialConfig.from_dict whose every error names `source` (its range and registry checks say 'config:')."""
-    from trainable.config import TrialConfig
     try:
         return TrialConfig.from_dict(values, source=source)
     except ConfigError as err:
@@ -93,7 +97,7 @@ class Arm:
     overrides: Mapping[str, Any]       # a preset arm holds the preset's full config here
     source: str                        # file the arm came from, for messages
 
-    def config(self, baseline: Mapping[str, Any]) -> "TrialConfig":
+    def config(self, baseline: Mapping[str, Any]) -> TrialConfig:
         return build_config({**baseline, **self.overrides}, source=f"{self.source}: arm {self.name!r}")
 
 
@@ -115,8 +119,7 @@ def load_arms(path: str | Path = ARMS_FILE, *, extra: str | Path | None = None) 
     return arms
 
 
-def _read_arms(path: str | Path, presets: Mapping[str, "TrialConfig"]) -> dict[str, Arm]:
-    from trainable.config import FIELD_TYPES, coerce
+def _read_arms(path: str | Path, presets: Mapping[str, TrialConfig]) -> dict[str, Arm]:
     raw = read_yaml(path)
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path}: expected a mapping of arm name -> the config keys it changes "
@@ -178,7 +181,7 @@ class SearchSpace:
     params: tuple[SearchParam, ...]
     source: str
 
-    def base_config(self) -> "TrialConfig":
+    def base_config(self) -> TrialConfig:
         return load_presets()[self.base_preset]
 
     def without(self, fixed: Iterable[str]) -> "SearchSpace":
@@ -207,7 +210,6 @@ def load_optuna_space(path: str | Path = OPTUNA_SPACE_FILE) -> SearchSpace:
 
 def _search_param(name: str, options: Any, base: Mapping[str, Any], earlier: list[SearchParam],
                   where: str) -> SearchParam:
-    from trainable.config import CHOICES, FIELD_TYPES, coerce
     if name not in FIELD_TYPES:
         raise ConfigError(f"{where}: not a config key; valid keys: {', '.join(FIELD_TYPES)}")
     if not isinstance(options, dict) or not set(options) <= PARAM_OPTIONS:

@@ -12,14 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-from trainable.__main__ import add_data_arguments, data_spec
+from trainable.data.options import add_data_arguments, data_spec
 from trainable.config import parse_overrides
 from trainable.data.nih import PreparedData, prepare_dataset, write_text_atomically
 from trainable.errors import ConfigError, UserError, out_of_space
 from trainable.findings import FINDINGS
 
 from .final import FinalModel, MemberSpec, TrainedMember, fit_final, member_specs
-from .final_sources import Candidate, from_config_file, sweep_candidates, sweep_data_arguments
+from .final_sources import DATA_OPTIONS, Candidate, from_config_file, sweep_candidates, sweep_data_arguments
 from .final_tracking import FAILED, FINISHED, KILLED, FinalRun
 from .options import positive_int
 from .tracking import artifact_location, connect, git_commit, resolve_tracking_uri, ui_command
@@ -219,9 +219,8 @@ def _print_header(data: PreparedData, source: str, specs: list[MemberSpec], bbox
 
 def _run_params(args: argparse.Namespace, specs: list[MemberSpec], data: PreparedData) -> dict:
     sizes = {f"split_{name}_{unit}": count for name, size in data.split_sizes().items() for unit, count in size.items()}
-    options = {key: getattr(args, key) for key in ("from_sweep", "config", "seeds", "ensemble", "data", "split",
-                                                   "val_fraction", "test_fraction", "split_seed", "view",
-                                                   "max_images", "bootstrap")}
+    options = {key: getattr(args, key) for key in ("from_sweep", "config", "seeds", "ensemble", *DATA_OPTIONS,
+                                                   "bootstrap")}
     # The best config as flat params, like a sweep's child run (members' own configs are on their child runs).
     return {**specs[0].config.to_dict(), **{k: v for k, v in options.items() if v is not None}, **sizes,
             "members": ",".join(s.name for s in specs), "data_fingerprint": data.fingerprint}

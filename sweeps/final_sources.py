@@ -13,12 +13,13 @@ from pathlib import Path
 
 from dashboards.sweep_reader import Sweep, TrialRun, open_sweep
 from trainable.config import TrialConfig
+from trainable.data.options import DATA_OPTIONS as SPEC_OPTIONS
 from trainable.errors import ConfigError, UserError
 
 from .final import SELECTION_METRIC
 
-# The data options a sweep records on its parent run (its CLI arguments), as trainable's add_data_arguments names them.
-DATA_OPTIONS = ("data", "split", "val_fraction", "test_fraction", "split_seed", "view", "max_images", "skip_missing")
+# The data options a sweep records on its parent run (its CLI arguments, as add_data_arguments names them).
+DATA_OPTIONS = ("data", *SPEC_OPTIONS)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ import argparse
 import math
 from typing import Any
 
-from trainable.__main__ import add_data_arguments
 from trainable.config import TrialConfig
+from trainable.data.options import add_data_arguments
 
 LATEST = "latest"
 # What may differ when a sweep is resumed: where it runs and logs. Everything else (trial resources too: Tune

@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune import CLIReporter, ExperimentAnalysis
 
 from search_spaces import OPTUNA_SPACE_FILE
-from trainable.__main__ import data_spec
+from trainable.data.options import data_spec
 from trainable.config import TrialConfig, parse_overrides
 from trainable.data.cache import check_cache_space, check_png_files
 from trainable.data.nih import PreparedData, prepare_dataset

@@ -23,36 +23,9 @@ from .backends import CUBLAS_WORKSPACE_ENV, DETERMINISTIC_CUBLAS_WORKSPACE  # no
 # Before the first cuBLAS call: deterministic=true needs a fixed workspace (trainable/backends.py).
 os.environ.setdefault(CUBLAS_WORKSPACE_ENV, DETERMINISTIC_CUBLAS_WORKSPACE)
 
-from .config import TrialConfig, load_preset, parse_overrides
+from .config import TrialConfig, parse_overrides
 from .errors import UserError, out_of_space
-from .runtime import CACHE_ENV
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Data options shared by every CLI (the trial runner and the sweeps)."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--split", default="official", choices=["official", "patient"],
-                       help="official: NIH's test_list.txt as test, validation carved patient-wise from "
-                            "train_val_list.txt; patient: patient-wise stratified split (default: %(default)s)")
-    group.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default: %(default)s)")
-    group.add_argument("--test-fraction", type=float, default=0.2,
-                       help="test share for --split patient (default: %(default)s)")
-    group.add_argument("--split-seed", type=int, default=0, help="seed of the patient-wise split (default: 0)")
-    group.add_argument("--view", default="all", choices=["all", "PA", "AP"], help="keep only this view position")
-    group.add_argument("--max-images", type=int, default=0,
-                       help="quick subset: whole patients drawn reproducibly up to this many images (0 = all)")
-    group.add_argument("--skip-missing", action="store_true",
-                       help="skip (and count) images listed in the CSV but absent on disk instead of failing")
-    group.add_argument("--cache-dir", default=None,
-                       help=f"decode-once image cache, shared by trials on a node (default: ${CACHE_ENV} or "
-                            "~/.cache/cxr-ablate)")
-
-
-def data_spec(args: argparse.Namespace):
-    from .data.nih import DataSpec
-    return DataSpec(data_dir=str(args.data), split=args.split, val_fraction=args.val_fraction,
-                    test_fraction=args.test_fraction, split_seed=args.split_seed, view=args.view,
-                    max_images=args.max_images, skip_missing=args.skip_missing)
+from .data.options import add_data_arguments, data_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
+    from search_spaces import load_preset   # an entry point may use any layer; no library module of trainable does
     from .backbones import check_pretrained, warnings_for
     from .train import load_checkpoint
 

@@ -242,12 +242,3 @@ def parse_overrides(pairs: Iterable[str], *, source: str = "--set") -> dict[str,
             raise ConfigError(f"{source} {pair!r}: expected key=value")
         out[key.strip()] = coerce(key.strip(), value.strip(), source=f"{source} {pair!r}")
     return out
-
-
-def load_preset(name: str) -> TrialConfig:
-    """A named preset from search_spaces/presets.yaml (plain config overrides of the CheXNet defaults)."""
-    from search_spaces import load_presets
-    presets = load_presets()
-    if name not in presets:
-        raise ConfigError(f"preset {name!r} is not one of: {', '.join(presets)}")
-    return presets[name]

@@ -21,7 +21,7 @@ import torch
 
 from .backends import compile_model, configure_backends
 from .checkpoint_files import PREDICTIONS_FILE, STATE_FILE, THRESHOLDS_FILE  # noqa: F401 - re-exported
-from .checkpointing import EpochReporter, Predictions
+from .checkpointing import EpochReporter, Predictions, Report
 from .config import TrialConfig
 from .data.augment import BatchAugment
 from .data.cache import open_cache, split_cache_key
@@ -35,8 +35,6 @@ from .models import create_model, input_stats
 from .optim import create_optimizer, create_scheduler
 from .runtime import autocast, default_cache_dir, epoch_seeds, pick_device, seed_everything
 
-
-Report = Callable[[dict, Path], None]
 
 EVAL_BATCH_MIN = 256              # evaluation keeps no activations for backward: larger batches fit
 
