@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from dashboards.evidence import CONFIG_FILE, EVIDENCE_TAG, config_evidence
 from trainable.__main__ import add_data_arguments, data_spec
 from trainable.config import parse_overrides
 from trainable.data.nih import PreparedData, prepare_dataset, write_text_atomically
@@ -116,16 +117,21 @@ def _candidates(args: argparse.Namespace, parser: argparse.ArgumentParser, uri: 
             raise ConfigError("--ensemble needs --from-sweep: a config file holds one config")
         if args.data is None:
             raise ConfigError("--data is required with --config: the NIH ChestX-ray14 folder")
-        return [from_config_file(args.config)], f"config file {args.config}", {"source_config": str(args.config)}
+        return [from_config_file(args.config)], f"config file {args.config} (evidence: {CONFIG_FILE})", \
+            {"source_config": str(args.config), EVIDENCE_TAG: CONFIG_FILE}
     from dashboards.sweep_reader import connect as connect_existing
-    sweep, candidates = sweep_candidates(connect_existing(uri), args.from_sweep, args.ensemble)
+    client = connect_existing(uri)
+    sweep, candidates = sweep_candidates(client, args.from_sweep, args.ensemble)
     if args.data is None:
         _fill_data_options(args, parser, sweep_data_arguments(sweep))
-    ranked = ", ".join(f"{c.label} (val AUC {c.val_auc_mean:.3f}, {c.trials} trial(s))" for c in candidates)
+    evidence = config_evidence(client, sweep, [c.label for c in candidates])
+    ranked = ", ".join(f"{c.label} (val AUC {c.val_auc_mean:.3f}, {c.trials} trial(s); evidence: {why})"
+                       for c, why in zip(candidates, evidence))
     source = f"sweep {sweep.name!r} (parent run {sweep.parent_run_id}), top {len(candidates)} by validation " \
              f"mean AUC: {ranked}"
     tags = {"source_sweep": sweep.name, "source_sweep_run": sweep.parent_run_id,
-            "source_data_fingerprint": sweep.parent_params.get("data_fingerprint", "")}
+            "source_data_fingerprint": sweep.parent_params.get("data_fingerprint", ""),
+            EVIDENCE_TAG: "; ".join(evidence)[:5000]}
     return candidates, source, tags
 
 

@@ -15,8 +15,9 @@ from mlflow.entities import Metric, Param
 
 from dashboards import ablation_report
 from dashboards.effects import HELPS, HURTS, MEAN, NO_EFFECT
+from dashboards.evidence import config_evidence
 from dashboards.simulate import simulate_sweep
-from dashboards.sweep_reader import PREDICTIONS_FILE, THRESHOLDS_FILE
+from dashboards.sweep_reader import PREDICTIONS_FILE, THRESHOLDS_FILE, open_sweep
 from search_spaces import OPTUNA_SPACE_FILE, load_arms, load_optuna_space
 from sweeps.tracking import PARENT_RUN_TAG, SweepRun
 from trainable.config import TrialConfig
@@ -131,6 +132,17 @@ def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, tmp_p
     assert page.count('src="data:image/png;base64,') == 3 and "http" not in page.split("<body>")[1]
     assert "broken-s0: did not finish" in page and "broken-s0: did not finish" in printed
     assert "effusion_up" in printed and "Effusion AUC" in printed
+
+    # what final training (sweeps/train_best.py) says when it picks an arm: the report's verdict on its mean AUC
+    sweep = open_sweep(store["client"], "ablation-test")
+    named = config_evidence(store["client"], sweep, ["effusion_up", "twin", "baseline"])
+    for arm, text in zip(["effusion_up", "twin"], named):
+        row = effects.loc[(arm, MEAN, "auc")]
+        assert text == (f"arm {arm}: {row['verdict']} on mean AUC in the ablation report (Δ {row['delta']:+.4f} "
+                        f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}])")
+    assert named[2].startswith("the baseline arm")
+    search = open_sweep(store["client"], "search-test")
+    assert config_evidence(store["client"], search, ["trial-00001"])[0].startswith("search best, not confirmed")
 
 
 def test_sweep_found_by_parent_run_id_and_bad_input_is_one_line(store, tmp_path, capsys):
