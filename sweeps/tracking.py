@@ -23,6 +23,7 @@ from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunStatus, RunTag, ViewType
 
+from dashboards.commands import mlflow_ui_words, shell_join
 from trainable.errors import ConfigError
 
 DB_FILE = "mlflow.db"
@@ -95,8 +96,9 @@ def artifact_location(uri: str, out: Path) -> str | None:
 
 
 def ui_command(uri: str) -> str:
+    """How to browse the store, as a command that runs as pasted (this environment's mlflow)."""
     if is_embedded(uri):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return shell_join(mlflow_ui_words(uri))
     return f"open {mask_secrets(uri)} in a browser (the tracking server serves the UI)"
 
 
