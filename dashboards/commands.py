@@ -16,6 +16,7 @@ from trainable.data.nih import DataSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MLFLOW_UI_PORT = 5000
+ABLATION_REPORT_SCRIPT = "dashboards/ablation_report.py"    # a sweep's effects (ablation) or importance (search)
 # The data options every CLI shares (its --data is DataSpec.data_dir): what a follow-up must repeat to score on
 # the same split.
 DATA_OPTIONS = {f.name: f.default for f in dataclasses.fields(DataSpec) if f.name != "data_dir"}

@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from search_spaces import BASELINE_ARM
 
+from .commands import ABLATION_REPORT_SCRIPT, python_words, shell_join
 from .effects import MEAN
 from .sweep_reader import Sweep
 
@@ -50,12 +51,11 @@ def _arm_evidence(effects: pd.DataFrame | None, sweep: Sweep, label: str) -> str
     if label == BASELINE_ARM:
         return "the baseline arm (the reference every arm was compared with)"
     if effects is None:
-        return (f"arm {label}: no ablation report on sweep {sweep.name!r} yet, not confirmed "
-                f"(dashboards/ablation_report.py --sweep {sweep.name})")
+        report = shell_join([*python_words(ABLATION_REPORT_SCRIPT), "--sweep", sweep.name])
+        return f"arm {label}: no ablation report on sweep {sweep.name!r} yet, not confirmed (it is made by: {report})"
     rows = effects[(effects["arm"] == label) & (effects["finding"] == MEAN) & (effects["metric"] == "auc")]
     if rows.empty:
         return f"arm {label}: not in the ablation report, not confirmed"
     row = rows.iloc[0]
     return (f"arm {label}: {row['verdict']} on mean AUC in the ablation report (Δ {row['delta']:+.4f} "
             f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}])")
-

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.tune import CLIReporter, ExperimentAnalysis
 
-from dashboards.commands import python_words, shell_join
+from dashboards.commands import ABLATION_REPORT_SCRIPT, python_words, shell_join
 from search_spaces import OPTUNA_SPACE_FILE
 from trainable.__main__ import data_spec
 from trainable.config import TrialConfig, parse_overrides
@@ -51,7 +51,6 @@ from .tune_state import check_restorable, check_unchanged, record_written
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_METRICS = {"epoch": "epoch", "val_loss": "val loss", METRIC: "AUC", "val_f1_mean": "F1"}
 PROGRESS_EVERY_S = 30
-REPORT_SCRIPT = "dashboards/ablation_report.py"     # the effect analysis (ablation) or importance (search)
 
 
 class SweepKind(Protocol):
@@ -342,9 +341,10 @@ def _exit_code(results: tune.ResultGrid, unfinished: list[str]) -> int:
 def _report(sweep: Sweep, parent: SweepRun, results: tune.ResultGrid, describer: TrialDescriber) -> None:
     synthetic = " — SYNTHETIC data (generated, not NIH)" if sweep.data.synthetic else ""
     title = f"{sweep.plan.kind} {sweep.location.name!r}{synthetic} — data {sweep.data.fingerprint}"
+    report_command = shell_join([*python_words(ABLATION_REPORT_SCRIPT), "--sweep", sweep.location.name,
+                                 "--mlflow-uri", mask_secrets(sweep.uri)])
     report = sweep.plan.report(results, title=title, epochs=sweep.args.epochs, describer=describer,
-                               report_command=shell_join([*python_words(REPORT_SCRIPT), "--sweep", sweep.location.name,
-                                                          "--mlflow-uri", mask_secrets(sweep.uri)]))
+                               report_command=report_command)
     print("\n" + report.text, flush=True)
     for file_name, text in {**report.files, f"{sweep.plan.kind}_summary.txt": report.text + "\n"}.items():
         sweep.location.write_text(file_name, text)
