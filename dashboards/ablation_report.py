@@ -30,11 +30,12 @@ from trainable.errors import UserError  # noqa: E402
 from dashboards import effects as fx  # noqa: E402
 from dashboards import importance as imp  # noqa: E402
 from dashboards import plots  # noqa: E402
+from dashboards.evidence import EFFECTS_CSV  # noqa: E402
 from dashboards.html_report import HtmlReport  # noqa: E402
 from dashboards.sweep_reader import (Sweep, ablation_trials, connect, default_tracking_uri,  # noqa: E402
                                      load_arm_predictions, open_sweep)
 
-EFFECTS_CSV, REPORT_HTML = "effects.csv", "ablation_report.html"
+REPORT_HTML = "ablation_report.html"
 METHOD = ("Δ = arm's mean over seeds − baseline's mean over seeds, on the shared validation split. Interval: "
           "paired bootstrap over patients (the same resample for every trial of every arm; each trial's metric "
           "recomputed in each resample and averaged over its arm's seeds), widened by the seed-to-seed variance "

@@ -77,8 +77,8 @@ class Ablation:
     def describer(self, context: TrialContext) -> TrialDescriber:
         return TrialDescriber.for_sweep(self.kind, context, {arm.name: arm.factor for arm in self.arms})
 
-    def report(self, results: tune.ResultGrid, *, title: str, epochs: int, describer: TrialDescriber
-               ) -> SweepReport:
+    def report(self, results: tune.ResultGrid, *, title: str, epochs: int, describer: TrialDescriber,
+               report_command: str) -> SweepReport:
         """Per arm: mean ± sd over seeds of the final-epoch mean AUC and F1, and Δ vs the baseline's means.
 
         The final epoch (not each trial's best) is what the table reports: picking the best epoch on the same
@@ -104,7 +104,7 @@ class Ablation:
                         f"Δ = arm mean − baseline mean", "", table, "",
                  "Single-split validation numbers without confidence intervals. The effect analysis (paired "
                  "bootstrap over patients, combined over seeds, with verdicts per finding) is the ablation report:",
-                 "  python dashboards/ablation_report.py --sweep <sweep name above> --mlflow-uri <the URI below>"]
+                 f"  {report_command}"]
         if failed:
             lines.append(f"{failed} trial(s) failed and are left out; see their FAILED runs in MLflow.")
         csv = "\n".join(",".join(map(str, [name, s["factor"], s["n"], *s["auc"], *s["f1"]]))

@@ -17,6 +17,7 @@ from .record import is_uri
 
 PROBE_TIMEOUT_S = 60
 CONNECT_TIMEOUT_S = 3
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 TOKEN_FIX = ("export RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN (or in ~/.ray/auth_token, or a "
              "file named by RAY_AUTH_TOKEN_PATH); `ray get-auth-token` on the head node prints it")
 
@@ -44,7 +45,9 @@ def start_ray(address: str | None) -> None:
             raise ConfigError(f"--address {address}: cannot join this Ray cluster ({' '.join(str(err).split())})"
                               ) from None
     else:
-        # 'local': never join a cluster a `ray start` left recorded on this machine
+        # 'local': never join a cluster a `ray start` left recorded on this machine. A new local Ray turns on
+        # token authentication and warns that it did: nothing for the user to do, so that one warning is dropped.
+        logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
         ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **quiet)
 
 

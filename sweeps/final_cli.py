@@ -12,14 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-from trainable.data.options import add_data_arguments, data_spec
+from dashboards.evidence import CONFIG_FILE, EVIDENCE_TAG, config_evidence
+from trainable.data.options import DATA_OPTIONS, add_data_arguments, data_spec
 from trainable.config import parse_overrides
 from trainable.data.nih import PreparedData, prepare_dataset, write_text_atomically
 from trainable.errors import ConfigError, UserError, out_of_space
 from trainable.findings import FINDINGS
 
 from .final import FinalModel, MemberSpec, TrainedMember, fit_final, member_specs
-from .final_sources import DATA_OPTIONS, Candidate, from_config_file, sweep_candidates, sweep_data_arguments
+from .final_sources import Candidate, from_config_file, sweep_candidates, sweep_data_arguments
 from .final_tracking import FAILED, FINISHED, KILLED, FinalRun
 from .options import positive_int
 from .tracking import artifact_location, connect, git_commit, resolve_tracking_uri, ui_command
@@ -116,16 +117,21 @@ def _candidates(args: argparse.Namespace, parser: argparse.ArgumentParser, uri: 
             raise ConfigError("--ensemble needs --from-sweep: a config file holds one config")
         if args.data is None:
             raise ConfigError("--data is required with --config: the NIH ChestX-ray14 folder")
-        return [from_config_file(args.config)], f"config file {args.config}", {"source_config": str(args.config)}
+        return [from_config_file(args.config)], f"config file {args.config} (evidence: {CONFIG_FILE})", \
+            {"source_config": str(args.config), EVIDENCE_TAG: CONFIG_FILE}
     from dashboards.sweep_reader import connect as connect_existing
-    sweep, candidates = sweep_candidates(connect_existing(uri), args.from_sweep, args.ensemble)
+    client = connect_existing(uri)
+    sweep, candidates = sweep_candidates(client, args.from_sweep, args.ensemble)
     if args.data is None:
         _fill_data_options(args, parser, sweep_data_arguments(sweep))
-    ranked = ", ".join(f"{c.label} (val AUC {c.val_auc_mean:.3f}, {c.trials} trial(s))" for c in candidates)
+    evidence = config_evidence(client, sweep, [c.label for c in candidates])
+    ranked = ", ".join(f"{c.label} (val AUC {c.val_auc_mean:.3f}, {c.trials} trial(s); evidence: {why})"
+                       for c, why in zip(candidates, evidence))
     source = f"sweep {sweep.name!r} (parent run {sweep.parent_run_id}), top {len(candidates)} by validation " \
              f"mean AUC: {ranked}"
     tags = {"source_sweep": sweep.name, "source_sweep_run": sweep.parent_run_id,
-            "source_data_fingerprint": sweep.parent_params.get("data_fingerprint", "")}
+            "source_data_fingerprint": sweep.parent_params.get("data_fingerprint", ""),
+            EVIDENCE_TAG: "; ".join(evidence)[:5000]}
     return candidates, source, tags
 
 
@@ -219,7 +225,7 @@ def _print_header(data: PreparedData, source: str, specs: list[MemberSpec], bbox
 
 def _run_params(args: argparse.Namespace, specs: list[MemberSpec], data: PreparedData) -> dict:
     sizes = {f"split_{name}_{unit}": count for name, size in data.split_sizes().items() for unit, count in size.items()}
-    options = {key: getattr(args, key) for key in ("from_sweep", "config", "seeds", "ensemble", *DATA_OPTIONS,
+    options = {key: getattr(args, key) for key in ("from_sweep", "config", "seeds", "ensemble", "data", *DATA_OPTIONS,
                                                    "bootstrap")}
     # The best config as flat params, like a sweep's child run (members' own configs are on their child runs).
     return {**specs[0].config.to_dict(), **{k: v for k, v in options.items() if v is not None}, **sizes,

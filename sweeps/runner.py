@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.tune import CLIReporter, ExperimentAnalysis
 
+from dashboards.commands import ABLATION_REPORT_SCRIPT, python_words, shell_join
 from search_spaces import OPTUNA_SPACE_FILE
 from trainable.data.options import data_spec
 from trainable.config import TrialConfig, parse_overrides
@@ -67,8 +68,8 @@ class SweepKind(Protocol):
     def tune_options(self) -> dict[str, Any]: ...
     def context(self, data: PreparedData, cache_dir: str | None) -> TrialContext: ...
     def describer(self, context: TrialContext) -> TrialDescriber: ...
-    def report(self, results: tune.ResultGrid, *, title: str, epochs: int, describer: TrialDescriber
-               ) -> SweepReport: ...
+    def report(self, results: tune.ResultGrid, *, title: str, epochs: int, describer: TrialDescriber,
+               report_command: str) -> SweepReport: ...
 
 
 @dataclass
@@ -279,12 +280,20 @@ def _tuner(sweep: Sweep, parent: SweepRun, context: TrialContext, describer: Tri
             name=sweep.location.name, storage_path=sweep.location.storage, verbose=1,
             # older checkpoints go by CheckpointRetention: CheckpointConfig(num_to_keep) races Tune's uploads
             callbacks=[logger, no_retry, CheckpointRetention()],
-            progress_reporter=CLIReporter(parameter_columns=plan.progress_parameters, metric_columns=PROGRESS_METRICS,
-                                          max_report_frequency=PROGRESS_EVERY_S),
+            progress_reporter=SweepProgress(parameter_columns=plan.progress_parameters,
+                                            metric_columns=PROGRESS_METRICS, max_report_frequency=PROGRESS_EVERY_S),
             failure_config=tune.FailureConfig(max_failures=args.max_failures)))
     # Tune has just written tuner.pkl straight to the storage; the logger records the state it saves later
     record_written(sweep.client, parent.parent_run_id, {TUNER_FILE: sweep.location.read_bytes(TUNER_FILE)})
     return tuner
+
+
+class SweepProgress(CLIReporter):
+    """Tune's progress table without its `Result logdir:` line, which points into Ray's session folder: the
+    sweep's files are where the driver prints at the end (`files:`)."""
+
+    def _print(self, msg: str) -> None:
+        super()._print("\n".join(line for line in msg.splitlines() if not line.startswith("Result logdir:")))
 
 
 def _fit(sweep: Sweep, parent: SweepRun) -> int:
@@ -332,7 +341,10 @@ def _exit_code(results: tune.ResultGrid, unfinished: list[str]) -> int:
 def _report(sweep: Sweep, parent: SweepRun, results: tune.ResultGrid, describer: TrialDescriber) -> None:
     synthetic = " — SYNTHETIC data (generated, not NIH)" if sweep.data.synthetic else ""
     title = f"{sweep.plan.kind} {sweep.location.name!r}{synthetic} — data {sweep.data.fingerprint}"
-    report = sweep.plan.report(results, title=title, epochs=sweep.args.epochs, describer=describer)
+    report_command = shell_join([*python_words(ABLATION_REPORT_SCRIPT), "--sweep", sweep.location.name,
+                                 "--mlflow-uri", mask_secrets(sweep.uri)])
+    report = sweep.plan.report(results, title=title, epochs=sweep.args.epochs, describer=describer,
+                               report_command=report_command)
     print("\n" + report.text, flush=True)
     for file_name, text in {**report.files, f"{sweep.plan.kind}_summary.txt": report.text + "\n"}.items():
         sweep.location.write_text(file_name, text)
@@ -345,6 +357,7 @@ def _interrupted(sweep: Sweep, parent: SweepRun, unfinished: list[str]) -> None:
     # A table over partly trained trials would mislead; the resumed sweep prints the complete one.
     parent.set_tags({"interrupted": "true"})
     parent.end(KILLED)
-    where = f" --out {sweep.args.out}" + (f" --storage {sweep.args.storage}" if sweep.args.storage else "")
+    where = ["--out", sweep.args.out, *(["--storage", sweep.args.storage] if sweep.args.storage else [])]
+    resume = shell_join([*python_words(f"sweeps/run_{sweep.plan.kind}.py"), "--resume", sweep.location.name, *where])
     print(f"\ninterrupted with {len(unfinished)} trial(s) unfinished ({', '.join(unfinished)}); continue with:\n"
-          f"  python sweeps/run_{sweep.plan.kind}.py --resume {sweep.location.name}{where}", flush=True)
+          f"  {resume}", flush=True)

@@ -155,7 +155,8 @@ class Search:
     def describer(self, context: TrialContext) -> TrialDescriber:
         return TrialDescriber.for_sweep(self.kind, context)
 
-    def report(self, results: tune.ResultGrid, *, title: str, epochs: int, describer: TrialDescriber) -> SweepReport:
+    def report(self, results: tune.ResultGrid, *, title: str, epochs: int, describer: TrialDescriber,
+               report_command: str) -> SweepReport:
         """Trials ranked by final val_auc_mean, full-budget trials first; the best full-budget one is the answer
         (a pruned trial's early value is not comparable with a trial trained to the end)."""
         trials = sorted((t for t in outcomes(results) if not t.failed),
@@ -174,7 +175,9 @@ class Search:
         best = full[0]
         config = describer.config(best.config)
         lines += [f"best: {_name(best)} with val_auc_mean {fmt(best.value(METRIC))} (single-split validation); "
-                  f"its full config is {BEST_CONFIG_FILE}"]
+                  f"its full config is {BEST_CONFIG_FILE}", "",
+                  "Factor importance, and the ablation that re-runs the top configs with several seeds, are in the "
+                  "search report:", f"  {report_command}"]
         tags = {"failed_trials": str(failed), "best_trial": _name(best), "best_val_auc_mean": fmt(best.value(METRIC), 4),
                 "best_config": json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))}
         return SweepReport(text="\n".join(lines), tags=tags, files={BEST_CONFIG_FILE: config.to_json() + "\n"})

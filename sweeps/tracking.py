@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunStatus, RunTag, ViewType
 
+from dashboards.commands import mlflow_ui_words, shell_join
 from dashboards.mlflow_store import (  # noqa: F401 - the sweeps' names for the store they write
     ARTIFACTS_DIR, DB_FILE, PARENT_RUN_TAG, RUN_NAME_TAG, artifact_location, connect, credentials_hidden,
     is_embedded, mask_secrets, resolve_tracking_uri)
@@ -19,8 +20,9 @@ MAX_PARAM_CHARS = 6000
 
 
 def ui_command(uri: str) -> str:
+    """How to browse the store, as a command that runs as pasted (this environment's mlflow)."""
     if is_embedded(uri):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return shell_join(mlflow_ui_words(uri))
     return f"open {mask_secrets(uri)} in a browser (the tracking server serves the UI)"
 
 

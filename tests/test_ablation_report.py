@@ -2,6 +2,7 @@
 logged on the parent run, verdicts right on planted effects; a search sweep's importance and re-run command."""
 import dataclasses
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ from mlflow.entities import Metric, Param
 
 from dashboards import ablation_report
 from dashboards.effects import HELPS, HURTS, MEAN, NO_EFFECT
+from dashboards.evidence import config_evidence
 from dashboards.simulate import simulate_sweep
-from dashboards.sweep_reader import PREDICTIONS_FILE, THRESHOLDS_FILE
+from dashboards.sweep_reader import PREDICTIONS_FILE, THRESHOLDS_FILE, open_sweep
 from search_spaces import OPTUNA_SPACE_FILE, load_arms, load_optuna_space
 from sweeps.tracking import PARENT_RUN_TAG, SweepRun
 from trainable.config import TrialConfig
@@ -23,6 +25,9 @@ from trainable.findings import FINDINGS
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = {"baseline": "baseline", "effusion_up": "loss", "cardiomegaly_down": "optimizer", "twin": "augmentation"}
+# the search's data options, as its parent run records its arguments (every one away from its default)
+SEARCH_DATA = {"data": "/data/nih x", "split": "patient", "val_fraction": 0.3, "test_fraction": 0.25, "split_seed": 7,
+               "view": "PA", "max_images": 500, "skip_missing": True}
 
 
 def flat_config(**overrides) -> dict:
@@ -77,7 +82,8 @@ def store(tmp_path_factory):
 
     # a search: lr near 3e-4 and focal loss are better; some trials pruned by ASHA, one failed
     search = SweepRun.start(client, "search-test", artifact_root=artifacts,
-                            params={"epochs": 3, "space_file": str(OPTUNA_SPACE_FILE), "set": "['image_size=64']"},
+                            params={"epochs": 3, "space_file": str(OPTUNA_SPACE_FILE), "set": "['image_size=64']",
+                                    **SEARCH_DATA},
                             tags={"kind": "search", "data": "SYNTHETIC"})
     space = load_optuna_space(OPTUNA_SPACE_FILE)
     rng = np.random.default_rng(3)
@@ -127,6 +133,17 @@ def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, tmp_p
     assert "broken-s0: did not finish" in page and "broken-s0: did not finish" in printed
     assert "effusion_up" in printed and "Effusion AUC" in printed
 
+    # what final training (sweeps/train_best.py) says when it picks an arm: the report's verdict on its mean AUC
+    sweep = open_sweep(store["client"], "ablation-test")
+    named = config_evidence(store["client"], sweep, ["effusion_up", "twin", "baseline"])
+    for arm, text in zip(["effusion_up", "twin"], named):
+        row = effects.loc[(arm, MEAN, "auc")]
+        assert text == (f"arm {arm}: {row['verdict']} on mean AUC in the ablation report (Δ {row['delta']:+.4f} "
+                        f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}])")
+    assert named[2].startswith("the baseline arm")
+    search = open_sweep(store["client"], "search-test")
+    assert config_evidence(store["client"], search, ["trial-00001"])[0].startswith("search best, not confirmed")
+
 
 def test_sweep_found_by_parent_run_id_and_bad_input_is_one_line(store, tmp_path, capsys):
     from dashboards.sweep_reader import connect, open_sweep
@@ -154,7 +171,20 @@ def test_search_report_importance_direction_and_rerun_command(store, tmp_path, c
     assert "converges fast" in printed
     command = next(line.strip() for line in printed.splitlines() if "sweeps/run_ablation.py" in line)
     assert "--arms baseline,search_top1,search_top2,search_top3 --seeds 3 --epochs 3" in command
-    assert "--demo" in command and "--set image_size=64" in command
+    assert "--set image_size=64" in command
+    # runs as pasted: this interpreter, the script by its path; the re-run scores on the search's own split
+    from sweeps.ablation import Ablation
+    from sweeps.options import build_parser
+    from trainable.__main__ import data_spec
+    from trainable.data.nih import DataSpec
+    words = shlex.split(command)
+    assert words[0] == sys.executable and Path(words[1]) == REPO / "sweeps" / "run_ablation.py"
+    parser = build_parser("run_ablation.py", "")
+    Ablation.add_arguments(parser)
+    rerun = parser.parse_args(words[2:])
+    assert data_spec(rerun) == DataSpec(data_dir=SEARCH_DATA["data"], **{k: v for k, v in SEARCH_DATA.items()
+                                                                         if k != "data"})
+    assert Path(rerun.arms_file) == out / "rerun_top_configs.yaml"
 
     importance = pd.read_csv(out / "importance.csv")
     mean = importance[importance["target"] == MEAN].set_index("param")

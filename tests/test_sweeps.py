@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -322,3 +323,36 @@ def test_existing_sweep_is_not_overwritten(synthetic_dir, tmp_path, capsys):
     assert main(Search, ["--data", str(synthetic_dir), "--out", str(tmp_path / "out"), "--name", "taken"]) == 2
     assert "--resume taken continues it, --overwrite replaces it" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+# --- what a user reads: next steps that run as pasted, no noise -------------------------------------------------
+
+def fresh_shell(command_line: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """A pasted line in a new shell: no environment activated, none of the sweep's variables, another folder."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(cwd)), "MPLCONFIGDIR": str(cwd / "mpl")}
+    return subprocess.run(["bash", "-c", command_line], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_printed_next_steps_run_as_pasted_in_a_fresh_shell(ablation, tmp_path):
+    """Runs last on the ablation: its report logs on the sweep's parent run."""
+    _, done = ablation
+    lines = done.stdout.splitlines()
+    report = next(line.strip() for line in lines if "dashboards/ablation_report.py --sweep" in line)
+    ui = lines[lines.index("MLflow experiment 'abl'; browse it with:") + 1].strip()
+    assert "<" not in report and "--sweep abl " in report
+
+    reported = fresh_shell(report, tmp_path, SWEEP_TIMEOUT_S)
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    assert "focal" in reported.stdout and (tmp_path / "reports" / "abl" / "effects.csv").is_file()
+
+    words = shlex.split(ui)            # this environment's mlflow (runs from a fresh shell), bound to localhost
+    assert os.access(words[0], os.X_OK) and words[words.index("--host") + 1] == "127.0.0.1"
+    helped = fresh_shell(shlex.join([*words[:words.index("ui") + 1], "--help"]), tmp_path, 300)
+    assert helped.returncode == 0 and "--backend-store-uri" in helped.stdout, helped.stderr[-3000:]
+
+
+def test_sweep_output_has_no_ray_session_paths_or_token_warning(ablation):
+    _, done = ablation
+    assert "Result logdir:" not in done.stdout and "Token authentication" not in done.stderr
+    assert "== Status ==" in done.stdout          # Tune's progress table is kept

@@ -255,6 +255,7 @@ def test_from_sweep_averages_the_top_configs_by_validation(data_dir, final, tmp_
                               "--bootstrap", "20", "--gradcam-samples", "0", "--cache-dir", str(final["cache"]))
     assert code == 0
     assert "top 2 by validation mean AUC: trial-00002 (val AUC 0.740" in stdout
+    assert stdout.count("evidence: search best, not confirmed") == 2
     assert "differ from those the sweep chose its configs on (x)" in stdout     # the fixture records a fake fingerprint
     members = json.loads((tmp_path / "out" / "members.json").read_text())
     assert [m["config_label"] for m in members] == ["trial-00002", "trial-00001"]    # pruned trial-00003 left out
@@ -264,6 +265,7 @@ def test_from_sweep_averages_the_top_configs_by_validation(data_dir, final, tmp_
     np.testing.assert_allclose(saved["probs"], saved["probs_by_member"].mean(axis=0), atol=1e-6)
     parent = MlflowClient(uri).get_run(MlflowClient(uri).search_model_versions("name = 'ensemble'")[0].run_id)
     assert parent.data.tags["source_sweep"] == "srch"
+    assert parent.data.tags["selection_evidence"].startswith("search best, not confirmed")
     assert parent.data.params["data"] == str(data_dir)          # no --data: the sweep's recorded data options
     children = MlflowClient(uri).search_runs([parent.info.experiment_id],
                                              filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'")

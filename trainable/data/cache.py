@@ -281,7 +281,8 @@ def _build(files: _CacheFiles, paths: Sequence[str], image_size: int, expected: 
     files.remove_incomplete()
     try:
         _reserve(files.partial_data, int(np.prod(expected["shape"])))
-        with tqdm(total=len(paths), unit="img", disable=not progress,
+        # disable=None: a bar on a terminal only, never in a Ray trial's piped output (it would land in Tune's table)
+        with tqdm(total=len(paths), unit="img", disable=None if progress else True,
                   desc=f"caching {files.data.name}") as progress_bar:
             bar = _Progress(progress_bar, on_progress)
             if workers <= 1:

@@ -26,7 +26,8 @@ _HELP = {
 _CHOICES = {"split": list(SPLITTERS), "view": list(VIEW_FILTERS)}
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}   # the annotations, as strings
 _FIELDS = [f for f in dataclasses.fields(DataSpec) if f.name != "data_dir"]
-DATA_OPTIONS: tuple[str, ...] = tuple(f.name for f in _FIELDS)   # as argparse names them (dest)
+DATA_DEFAULTS: dict[str, object] = {f.name: f.default for f in _FIELDS}
+DATA_OPTIONS: tuple[str, ...] = tuple(DATA_DEFAULTS)   # as argparse names them (dest)
 assert set(_HELP) == set(DATA_OPTIONS), "every DataSpec field needs its help text in trainable/data/options.py"
 
 
