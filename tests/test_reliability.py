@@ -572,7 +572,7 @@ def test_a_password_in_the_tracking_uri_is_never_logged_or_printed(clean, tmp_pa
     store = f"sqlite:///{tmp_path / 'store.db'}"
     uri = f"https://admin:{SECRET}@mlflow.example.org:5000?token={SECRET}"
     monkeypatch.setattr(runner, "connect", lambda _: MlflowClient(store))
-    for name in ("start_ray", "check_shared_storage", "check_resources"):
+    for name in ("start_ray", "check_shared_storage", "check_resources", "start_registry", "warm_node_caches"):
         monkeypatch.setattr(runner, name, lambda *args, **kwargs: None)
     fitted = []
     monkeypatch.setattr(runner, "_fit", lambda sweep, parent: fitted.append((sweep.uri, parent.parent_run_id)) or 0)
