@@ -138,7 +138,7 @@ class Search:
     def param_space(self) -> dict[str, Any]:
         return {}   # the searcher proposes every config
 
-    def tune_options(self) -> dict[str, Any]:
+    def tune_options(self, location=None) -> dict[str, Any]:   # the sweep's folder: not needed here
         # With a define-by-run space OptunaSearch needs metric and mode itself; TuneConfig gets them too.
         searcher = PruningAwareOptunaSearch(DefineByRun(self.space), metric=METRIC, mode=MODE,
                                             sampler=optuna.samplers.TPESampler(seed=self.args.search_seed),
