@@ -86,7 +86,7 @@ def plan(args: argparse.Namespace) -> str:
     resampled = fx.resample(predictions, args.baseline, n_boot=args.n_boot, groups=groups)
     look = fx.analyse_look(resampled, args.baseline)
     model = look.models["auc"]
-    if not np.isfinite(model.pooled).any() and not any(s.unstable for s in model.arms.values()):
+    if not np.isfinite(model.pooled_sample).any() and not any(s.unstable for s in model.arms.values()):
         raise UserError(f"{source}: no arm has two seeds, so the seed variance is unknown; a pilot needs at least "
                         f"2 seeds in some arms")
     compared = [arm for arm in predictions if arm != args.baseline]

@@ -2,31 +2,33 @@
 
 A per-seed metric y_{a,s} (arm a, seed s; one column = one finding or the mean) is
 
-    y_{a,s} = μ_a + u_{a,s} + e_{a,s},
+    y_{a,s} = μ_a + u_{a,s} + c_a + d_{a,s},
 
-u the seed-level effect of training randomness (variance σ²_a), e the error of scoring that model on this
-finite validation set. The shared patient bootstrap holds the models fixed and sees only e: V_img = var*(Δ*)
-is the image part of Var(Δ), the part common to all arms cancelled by the pairing. The sample variance s²_a of
-an arm's per-seed metrics holds e too: E[s²_a] = σ²_a + W_a, where W_a — the image noise by which the arm's
-models differ from each other — is estimated from the same replicates as the bootstrap variance of each
-trial's deviation from its arm's seed mean, summed as in s²: W_a = Σ_s var*(y*_{a,s} − ȳ*_a) / (k_a − 1).
-Method of moments: σ̂²_a = max(0, s²_a − W_a), and
+u the seed-level effect of training randomness (variance σ²_a), and c + d the error of scoring that model on
+this finite validation set: c the part all of the arm's models share, d each model's own (variance W_a). The
+shared patient bootstrap holds the models fixed and sees c and d: V_img = var*(Δ*) (the noise common to all
+arms cancels in the pairing). The sample variance s²_a of an arm's per-seed metrics holds d too: E[s²_a] = σ²_a +
+W_a, and W_a is estimated from the same replicates, as the bootstrap variance of each trial's deviation from its
+arm's seed mean, summed as in s²: W_a = Σ_s var*(y*_{a,s} − ȳ*_a) / (k_a − 1). Method of moments:
 
-    Var(Δ_a) = V_img + σ²_a / k_a + σ²_b / k_b          (b the baseline).
+    Var(Δ_a) = C + s²_a / k_a + s²_b / k_b,   C = V_img − W_a / k_a − W_b / k_b   (b the baseline),
 
-(Adding s² to V_img instead, as this module's predecessor did, counts each model's own image noise twice.)
+C the image noise common to an arm's seeds (it does not shrink with more seeds), truncated at 0; the seed part
+σ̂²_a = s²_a − W_a is what the report shows as seed noise. Each model's own image noise is counted once, in s²
+(V_img + s²/k, as this module's predecessor did, counts it twice). Where seed noise is small against image noise
+σ̂² would often truncate to 0; truncating C instead never takes the seeds' own spread for zero (two arms whose
+models are identical give V_img = 0, and their Δ is still judged by how much their seeds vary).
 
-Degrees of freedom. σ²_a from one arm's 3 seeds has 2 degrees of freedom (t = 4.3, an interval ~2× the
-known-variance width). Arms of one sweep usually vary alike, so σ² is pooled over arms (6 arms × 3 seeds: 12
+Degrees of freedom. s²_a from one arm's 3 seeds has 2 degrees of freedom (t = 4.3, an interval ~2× the
+known-variance width). Arms of one sweep usually vary alike, so s² is pooled over arms (6 arms × 3 seeds: 12
 df, t = 2.18). An arm that is less stable than the others (a high learning rate, say) must not be judged by
 their stability: an arm is *unstable* when its seed spread is credibly larger than the others' — a one-sided
 permutation test (p < 5%) of the arm's mean log variance ratio over all columns of the metric (all findings and
 the mean: training instability shows in every finding, which gives the test power that 2 df alone lack). An
-unstable arm uses its own σ̂²_a, and the comparison's degrees of freedom are capped at k_a − 1 (Welch–
-Satterthwaite alone, which estimates the df from the same 2-df variances, undercovers there: measured 89%
-coverage for an arm at 3× seed spread with 3 seeds, against 96% with the cap; benchmarks/effect_calibration.py).
-The pooled variance then leaves the unstable arms out. Otherwise the df are Welch–Satterthwaite's over the
-terms (V_img with infinite df).
+unstable arm uses its own s²_a, and the comparison's degrees of freedom are capped at k_a − 1 (Welch–
+Satterthwaite alone, which estimates the df from the same 2-df variances, undercovers there; measured in
+benchmarks/effect_calibration.py). The pooled variance then leaves the unstable arms out. Otherwise the df are
+Welch–Satterthwaite's over the terms (C with infinite df).
 
 An arm with one seed has no seed variance of its own: it borrows the pooled one (assuming it varies like the
 others), and its rows say so; with no arm of two seeds there is no seed variance at all: not estimable.
@@ -152,65 +154,63 @@ def _spread_statistics(squared: np.ndarray, owners: np.ndarray, n_arms: int) -> 
 @dataclass(frozen=True)
 class DeltaVariance:
     """Var(Δ) of one arm vs the baseline per column, its degrees of freedom, and what it was built from."""
-    image: np.ndarray              # V_img
-    seed_terms: np.ndarray         # σ²_a/k_a + σ²_b/k_b
+    common: np.ndarray             # C: image noise common to each arm's seeds (truncated at 0)
+    seed_terms: np.ndarray         # s²_a/k_a + s²_b/k_b (own or pooled s²)
     df: np.ndarray
     source: str
 
     @property
     def total(self) -> np.ndarray:
-        return self.image + self.seed_terms
+        return self.common + self.seed_terms
+
+
+def _sides(model: SeedModel, arm: str, baseline: str) -> list[tuple[np.ndarray, np.ndarray, int, float, str]]:
+    """Per side: (s² it is judged by, its models' own image noise W, seeds, df of that s², source)."""
+    sides = []
+    for side in (arm, baseline):
+        stats = model.arms[side]
+        image_part = stats.image_part if stats.k >= 2 else model.pooled_image_part
+        if stats.unstable:
+            sides.append((stats.sample_variance, image_part, stats.k, float(stats.k - 1), OWN))
+        else:
+            sides.append((model.pooled_sample, image_part, stats.k, model.pooled_df,
+                          BORROWED if stats.k < 2 else POOLED))
+    return sides
+
+
+def common_image_variance(model: SeedModel, arm: str, baseline: str, image_variance: np.ndarray) -> np.ndarray:
+    """C = V_img − W_a/k_a − W_b/k_b, truncated at 0."""
+    return np.fmax(image_variance - sum(np.nan_to_num(w) / k for _, w, k, _, _ in _sides(model, arm, baseline)), 0.0)
 
 
 def delta_variance(model: SeedModel, arm: str, baseline: str, image_variance: np.ndarray) -> DeltaVariance:
-    """V_img + each side's seed term (own if unstable, else pooled), with Welch–Satterthwaite degrees of freedom,
-    capped at an unstable side's k − 1.
-
-    The df are those of the sample variances the seed terms come from: Var(Δ) = C + s²_a/k_a + s²_b/k_b with
-    C = V_img − W_a/k_a − W_b/k_b (image noise, known from the bootstrap: infinite df), so Satterthwaite weighs
-    s²/k, not the truncated σ̂²/k (a seed variance estimated as 0 does not make the variance known), and C
-    counts only where it is positive (never below the seed terms' own df).
-    """
-    variance_terms, df_terms, own_df, pooled_coefficient, sources = [], [], [], 0.0, []
-    for side in (arm, baseline):
-        stats = model.arms[side]
-        if stats.unstable:
-            variance_terms.append(stats.seed_variance / stats.k)
-            df_terms.append((stats.sample_variance / stats.k, float(stats.k - 1)))
-            own_df.append(stats.k - 1)
-            sources.append(OWN)
-        else:
-            pooled_coefficient += 1 / stats.k
-            sources.append(BORROWED if stats.k < 2 else POOLED)
-    if pooled_coefficient:
-        variance_terms.append(model.pooled * pooled_coefficient)
-        df_terms.append((model.pooled_sample * pooled_coefficient, model.pooled_df))
-    seed_part = np.sum(variance_terms, axis=0)
-    total = image_variance + seed_part
+    """C + each side's s²/k (own if unstable, else pooled), with Welch–Satterthwaite degrees of freedom over the
+    s² terms (C known from the bootstrap: infinite df), capped at an unstable side's k − 1."""
+    sides = _sides(model, arm, baseline)
+    common = common_image_variance(model, arm, baseline, image_variance)
+    own = [(s2 / k, df) for s2, _, k, df, source in sides if source == OWN]
+    pooled = sum(1 / k for _, _, k, _, source in sides if source != OWN)
+    terms = own + ([(model.pooled_sample * pooled, model.pooled_df)] if pooled else [])
+    seed_part = np.sum([value for value, _ in terms], axis=0)
+    total = common + seed_part
     with np.errstate(divide="ignore", invalid="ignore"):
-        denominator = np.sum([value ** 2 / df for value, df in df_terms if df > 0], axis=0)
-        numerator = np.fmax(total, np.sum([value for value, _ in df_terms], axis=0)) ** 2
-        df = np.where(denominator > 0, numerator / denominator, np.inf)
-    if own_df:
-        df = np.minimum(df, min(own_df))
-    no_variance = pooled_coefficient and not np.isfinite(model.pooled).any()
+        denominator = np.sum([value ** 2 / df for value, df in terms if df > 0], axis=0)
+        df = np.where(denominator > 0, total ** 2 / denominator, np.inf)
+    if own:
+        df = np.minimum(df, min(d for _, d in own))
+    sources = [source for *_, source in sides]
+    no_variance = pooled and not np.isfinite(model.pooled_sample).any()
     source = NO_VARIANCE if no_variance else OWN if OWN in sources else BORROWED if BORROWED in sources else POOLED
-    return DeltaVariance(image_variance, seed_part, df, source)
+    return DeltaVariance(common, seed_part, df, source)
 
 
 def projected_variance(model: SeedModel, arm: str, baseline: str, image_variance: np.ndarray,
                        seeds: np.ndarray) -> np.ndarray:
-    """Var(Δ) (len(seeds), F) if arm and baseline had `seeds` seeds each: the image part common to both arms'
-    seeds stays, each model's own image noise (W) and the seed variance shrink with the seeds."""
+    """Var(Δ) (len(seeds), F) if arm and baseline had `seeds` seeds each: C stays, the s² terms (seed noise and
+    each model's own image noise) shrink with the seeds."""
     seeds = np.asarray(seeds, float)[:, None]
-    parts = []
-    for side in (arm, baseline):
-        stats = model.arms[side]
-        variance = stats.seed_variance if stats.unstable else model.pooled
-        image_part = stats.image_part if stats.k >= 2 else model.pooled_image_part
-        parts.append((variance, image_part, stats.k))
-    common = image_variance - sum(np.nan_to_num(w) / k for _, w, k in parts)
-    return np.fmax(common, 0.0) + sum((v + np.nan_to_num(w)) / seeds for v, w, _ in parts)
+    common = common_image_variance(model, arm, baseline, image_variance)
+    return common + sum(s2 for s2, *_ in _sides(model, arm, baseline)) / seeds
 
 
 def projected_df(model: SeedModel, arm: str, baseline: str, seeds: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from trainable.data.nih import PreparedData
 from trainable.errors import ConfigError
 from trainable.tune import ARM_KEY, TrialContext
 
-from .adaptive import AdaptiveSeeds, read_rounds
+from .adaptive import ROUNDS_FILE, AdaptiveSeeds, checkpoint_predictions, replay, rounds_record
 from .cluster import check_weight_files
 from .demo import ABLATION_DEMO
 from .naming import TrialDescriber
@@ -128,7 +128,7 @@ class Ablation:
                  "" if name == BASELINE_ARM else fmt(s["f1"][0] - base["f1"][0], signed=True)]
                 for name, s in stats.items()]
         header, align = ["arm", "factor", "seeds", "AUC mean ± sd", "ΔAUC", "F1 mean ± sd", "ΔF1"], "llrrrrr"
-        stops = self._stops(results)
+        stops, record = self._rounds(trials)
         if self.rounds is not None:
             header, align = [*header, "seeds stopped because"], align + "l"
             rows = [[*row, "control: seeded with the undecided arms" if row[0] == BASELINE_ARM
@@ -141,21 +141,27 @@ class Ablation:
                  "  python dashboards/ablation_report.py --sweep <sweep name above> --mlflow-uri <the URI below>"]
         if self.rounds is not None:
             lines.insert(2, f"--until-decided: rounds of {self.rounds.step} seed(s) from {self.rounds.initial} up to "
-                            f"{self.rounds.max_seeds} per arm, margin {self.margin:g}, O'Brien-Fleming alpha spending; "
-                            f"decisions in {results.experiment_path}/seed_rounds.json")
+                            f"{self.rounds.max_seeds} per arm, margin {self.margin:g}, O'Brien-Fleming alpha spending "
+                            f"({ROUNDS_FILE})")
         if failed:
             lines.append(f"{failed} trial(s) failed and are left out; see their FAILED runs in MLflow.")
         csv = "\n".join(",".join(map(str, [name, s["factor"], s["n"], *s["auc"], *s["f1"]]))
                         for name, s in stats.items())
-        return SweepReport(text="\n".join(lines), tags={"failed_trials": str(failed)},
-                           files={"ablation_table.csv": "arm,factor,seeds,auc_mean,auc_sd,f1_mean,f1_sd\n" + csv + "\n"})
+        files = {"ablation_table.csv": "arm,factor,seeds,auc_mean,auc_sd,f1_mean,f1_sd\n" + csv + "\n"}
+        if record:
+            files[ROUNDS_FILE] = record
+        return SweepReport(text="\n".join(lines), tags={"failed_trials": str(failed)}, files=files)
 
 
-    def _stops(self, results: tune.ResultGrid) -> dict[str, str]:
+    def _rounds(self, trials: list) -> tuple[dict[str, str], str]:
+        """--until-decided: why each arm stopped, replayed from the trials' predictions as the searcher saw them,
+        and seed_rounds.json."""
         if self.rounds is None:
-            return {}
-        rounds = read_rounds(results.experiment_path)
-        return dict(rounds[-1]["stops"]) if rounds else {}
+            return {}, ""
+        checkpoints = {f"{t.config[ARM_KEY]}/{t.config['seed']}": t.checkpoint for t in trials if t.checkpoint}
+        analysis = replay(checkpoint_predictions(checkpoints, [arm.name for arm in self.arms]), BASELINE_ARM,
+                          self.rounds, margin=self.margin, alpha=DEFAULT_ALPHA)
+        return dict(analysis.stops), rounds_record(analysis, self.rounds, self.margin)
 
 
 def _seed_rounds(args: argparse.Namespace) -> SeedRounds | None:

@@ -9,8 +9,11 @@ looks are paid for by O'Brien–Fleming alpha spending (dashboards/sequential.py
 family-wise error rate (measured: benchmarks/effect_calibration.py).
 
 One Tune experiment, one MLflow parent run: the rounds are trials of the same sweep, and Tune saves this
-searcher's state with the experiment, so `--resume` continues mid-round with nothing proposed twice. Every
-decision is also written to `seed_rounds.json` beside sweep.json.
+searcher's state with the experiment, so `--resume` continues mid-round with nothing proposed twice. The
+decisions are printed as they are made; at the end the sweep's table replays them from the trials
+(`replay_rounds`, the same analysis on the same predictions) and writes them to seed_rounds.json beside
+sweep.json and on the parent run. (A file written into the experiment folder mid-sweep would not survive a
+resume: Tune syncs its own copy of that folder over it.)
 """
 from __future__ import annotations
 
@@ -18,9 +21,8 @@ import json
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Mapping
 
-import pyarrow.fs
 from ray import tune
 from ray.tune.search import Searcher
 
@@ -48,7 +50,6 @@ class AdaptiveSeeds(Searcher):
         self.pending: dict[str, tuple[str, int]] = {}          # trial_id -> (arm, seed), proposed and not ended
         self.checkpoints: dict[str, str] = {}                  # "arm/seed" -> its last checkpoint
         self.failed: list[str] = []
-        self.log: list[dict[str, Any]] = []
         self.finished = False
 
     # --- Tune's Searcher interface ----------------------------------------------------------------------------
@@ -86,56 +87,57 @@ class AdaptiveSeeds(Searcher):
     def _next_round(self) -> None:
         """Analyse the trials so far; queue the next seeds of the undecided arms and the baseline, or finish."""
         try:
-            analysis = analyse(resample(self._predictions(), self.baseline, n_boot=self.n_boot,
-                                        seed=self.bootstrap_seed),
-                               self.baseline, margin=self.margin, alpha=self.alpha, rounds=self.rounds,
-                               seed=self.bootstrap_seed)
+            analysis = replay(checkpoint_predictions(self.checkpoints, self.arms), self.baseline, self.rounds,
+                              margin=self.margin, alpha=self.alpha, n_boot=self.n_boot, seed=self.bootstrap_seed)
         except UserError as err:
             self._finish(f"no further round: {err}")
             return
         looked = analysis.looks[-1]
-        undecided = [arm for arm in self.arms if arm != self.baseline
-                     and not any(analysis.stops.get(arm, "").startswith(v) for v in DECIDED)]
+        undecided = undecided_arms(analysis)
         later = [n for n in self.rounds.looks if n > looked]
-        entry = {"look": len(analysis.looks), "seeds": looked, "stops": dict(analysis.stops),
-                 "undecided": undecided, "failed": list(self.failed)}
-        if undecided and later:
-            self.queue = [(arm, seed) for seed in range(looked, later[0]) for arm in (*undecided, self.baseline)]
-            entry["next"] = {"seeds": later[0], "arms": [*undecided, self.baseline]}
-            print(f"seed round {len(analysis.looks)} ({looked} seeds): "
-                  + "; ".join(f"{arm} {why}" for arm, why in analysis.stops.items() if arm not in undecided)
-                  + f"{'; ' if len(undecided) < len(self.arms) - 1 else ''}undecided: {', '.join(undecided)} -> "
-                    f"seeds {looked}..{later[0] - 1} for them and {self.baseline}", flush=True)
-            self._write(entry)
-        else:
-            self._write(entry)
+        if not (undecided and later):
             self._finish("; ".join(f"{arm} {why}" for arm, why in analysis.stops.items()))
+            return
+        self.queue = [(arm, seed) for seed in range(looked, later[0]) for arm in (*undecided, self.baseline)]
+        decided = [f"{arm} {why}" for arm, why in analysis.stops.items() if arm not in undecided]
+        print(f"seed round {len(analysis.looks)} ({looked} seeds): {'; '.join([*decided, ''])}undecided: "
+              f"{', '.join(undecided)} -> seeds {looked}..{later[0] - 1} for them and {self.baseline}", flush=True)
 
     def _finish(self, why: str) -> None:
         self.finished = True
         print(f"seed rounds done: {why}", flush=True)
 
-    def _write(self, entry: dict[str, Any]) -> None:
-        self.log = [e for e in self.log if e["look"] < entry["look"]] + [entry]
-        self.location.write_text(ROUNDS_FILE, json.dumps({"rounds": self.log}, indent=2) + "\n")
 
-    def _predictions(self) -> dict:
-        """Every finished trial's validation predictions, by arm in seed order (read from its checkpoint)."""
-        by_arm: dict[str, list] = {}
-        with tempfile.TemporaryDirectory(prefix="seed-rounds-") as scratch:
-            for key in sorted(self.checkpoints, key=lambda k: (k.split("/")[0], int(k.split("/")[1]))):
-                arm = key.split("/")[0]
-                folder = Path(tune.Checkpoint(self.checkpoints[key]).to_directory(f"{scratch}/{key}"))
-                by_arm.setdefault(arm, []).append(read_trial_predictions(
-                    folder / PREDICTIONS_FILE, folder / THRESHOLDS_FILE, key.replace("/", "-s")))
-        return {arm: by_arm[arm] for arm in self.arms if arm in by_arm}
+def undecided_arms(analysis) -> list[str]:
+    return [arm for arm, why in analysis.stops.items() if not any(why.startswith(v) for v in DECIDED)]
 
 
-def read_rounds(experiment_path: str) -> list[dict[str, Any]]:
-    """The decisions an --until-decided sweep recorded in its folder (empty when there are none)."""
-    fs, root = pyarrow.fs.FileSystem.from_uri(experiment_path)
-    path = f"{root}/{ROUNDS_FILE}"
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return []
-    with fs.open_input_stream(path) as stream:
-        return json.loads(stream.readall().decode())["rounds"]
+def replay(predictions: dict, baseline: str, rounds: SeedRounds, *, margin: float, alpha: float,
+           n_boot: int = 1000, seed: int = 0):
+    """The effect analysis with the sweep's rounds replayed: the searcher's decisions, and the table's."""
+    return analyse(resample(predictions, baseline, n_boot=n_boot, seed=seed), baseline, margin=margin, alpha=alpha,
+                   rounds=rounds, seed=seed)
+
+
+def checkpoint_predictions(checkpoints: Mapping[str, str | tune.Checkpoint], arms: list[str]) -> dict:
+    """Validation predictions by arm in seed order, read from each trial's last checkpoint ("arm/seed" -> its
+    path on the storage, or the tune.Checkpoint)."""
+    by_arm: dict[str, list] = {}
+    with tempfile.TemporaryDirectory(prefix="seed-rounds-") as scratch:
+        for key in sorted(checkpoints, key=lambda k: (k.split("/")[0], int(k.split("/")[1]))):
+            arm, seed = key.split("/")
+            checkpoint = checkpoints[key]
+            if not isinstance(checkpoint, tune.Checkpoint):
+                checkpoint = tune.Checkpoint(checkpoint)
+            folder = Path(checkpoint.to_directory(f"{scratch}/{arm}-s{seed}"))
+            by_arm.setdefault(arm, []).append(read_trial_predictions(
+                folder / PREDICTIONS_FILE, folder / THRESHOLDS_FILE, f"{arm}-s{seed}"))
+    return {arm: by_arm[arm] for arm in arms if arm in by_arm}
+
+
+def rounds_record(analysis, rounds: SeedRounds, margin: float) -> str:
+    """seed_rounds.json: the looks, the seeds each arm got and why it stopped."""
+    seeds = {row.arm: int(row.n_seeds) for row in analysis.table.drop_duplicates("arm").itertuples()}
+    return json.dumps({"rule": "O'Brien-Fleming alpha spending (Lan-DeMets), Holm over arms", "margin": margin,
+                       "looks": list(analysis.looks), "max_seeds": rounds.max_seeds, "seeds": seeds,
+                       "stops": dict(analysis.stops)}, indent=2) + "\n"

@@ -85,27 +85,33 @@ def test_image_noise_is_the_paired_bootstrap_of_a_direct_loop_and_one_seed_every
                                per_class_auc(base.labels, base.probs))
 
 
-def test_variance_is_the_image_part_plus_the_pooled_seed_part_counted_once():
+def test_variance_counts_each_models_image_noise_once():
     sweep = simulate_sweep({"baseline": 1.0, "a": 1.0, "b": 1.1}, n_seeds=3, n_images=800, seed=8)
     resampled = resample(sweep, "baseline", n_boot=60, seed=3)
     look = analyse_look(resampled, "baseline")
     point, boot = resampled.point["auc"], resampled.replicates["auc"]     # (k, F), (k, B, F) per arm
-    seed_part = {}
-    for arm in sweep:           # by hand: s² of the per-seed metrics minus the bootstrap variance of the deviations
-        s2 = point[arm].var(axis=0, ddof=1)
-        within = np.var(boot[arm] - boot[arm].mean(axis=0), axis=1, ddof=1).sum(axis=0) / 2
-        seed_part[arm] = np.maximum(s2 - within, 0)
+    s2, within = {}, {}
+    for arm in sweep:           # by hand: s² of the per-seed metrics and the bootstrap variance of the deviations
+        s2[arm] = point[arm].var(axis=0, ddof=1)
+        within[arm] = np.var(boot[arm] - boot[arm].mean(axis=0), axis=1, ddof=1).sum(axis=0) / 2
     assert all(s.p_unstable > 0.05 for s in look.models["auc"].arms.values())     # nobody flagged here
-    pooled = np.mean(list(seed_part.values()), axis=0)                            # equal seeds: a plain mean
-    np.testing.assert_allclose(look.models["auc"].pooled, pooled, rtol=1e-10)
+    pooled = np.mean(list(s2.values()), axis=0)                                   # equal seeds: a plain mean
+    np.testing.assert_allclose(look.models["auc"].pooled_sample, pooled, rtol=1e-10)
+    np.testing.assert_allclose(look.models["auc"].pooled,
+                               np.mean([np.maximum(s2[a] - within[a], 0) for a in sweep], axis=0), rtol=1e-10)
     for arm in ("a", "b"):
         v_img = np.var(boot[arm].mean(axis=0) - boot["baseline"].mean(axis=0), axis=0, ddof=1)
+        common = np.maximum(v_img - within[arm] / 3 - within["baseline"] / 3, 0)
         rows = look.table[(look.table["arm"] == arm) & (look.table["metric"] == "auc")]
-        np.testing.assert_allclose(rows["se"] ** 2, v_img + 2 * pooled / 3, rtol=1e-10)
-        # Satterthwaite with the image part at infinite df: at least the pooled df (3 arms x 2)
+        np.testing.assert_allclose(rows["se"] ** 2, common + 2 * pooled / 3, rtol=1e-10)
+        np.testing.assert_allclose(rows["image_sd"] ** 2, v_img, rtol=1e-10)
+        # Satterthwaite with the common image part at infinite df: at least the pooled df (3 arms x 2)
         assert (rows["df"] >= 6 - 1e-9).all() and (rows["variance"] == POOLED).all()
         expected = point[arm].mean(axis=0) - point["baseline"].mean(axis=0)
         np.testing.assert_allclose(rows["delta"], expected)
+    # no double counting: each model's own image noise is in s² only, so se² < V_img + 2 s²/3 wherever W > 0
+    rows = look.table[(look.table["arm"] == "a") & (look.table["metric"] == "auc")]
+    assert (rows["se"] ** 2 < rows["image_sd"] ** 2 + 2 * pooled / 3).all()
 
 
 def test_adjusted_p_values_are_statsmodels_multipletests_of_the_raw_ones():
