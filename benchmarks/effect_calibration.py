@@ -23,8 +23,8 @@ bootstrap, the variance model, the families, the verdicts (margin 0.005, α = 0.
    detectable Δ (80% power at the primary family's level) the analysis reports for the null arms, the seeds it
    says would decide at the margin, and the measured power to call the planted arm `helps`.
 
-Targets (issue 9): family-wise rate ≤ 5% and FDR ≤ 5% within Monte-Carlo error; coverage 93–97% with equal arms and
-with the unstable arm; median width ≤ 1.25 × oracle; sequential family-wise rate ≤ 5%.
+Targets (issue 9): family-wise rate ≤ 5% and FDR ≤ 5% within Monte-Carlo error; coverage 93–97% with equal arms
+and with the unstable arm; median width ≤ 1.25 × oracle; sequential family-wise rate ≤ 5%.
 """
 from __future__ import annotations
 
@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     print_header("effect analysis calibration", info, command_line())
     started = time.perf_counter()
     with get_context("spawn").Pool(args.workers, initializer=_worker_init) as pool:
-        truth_unstable, truth_se = true_delta(pool, args.workers, (1.0, SEED_SD * UNSTABLE_SCALE), (1.0, SEED_SD), TRUTH_MODELS)
+        truth_unstable, truth_se = true_delta(pool, args.workers, (1.0, SEED_SD * UNSTABLE_SCALE), (1.0, SEED_SD),
+                                              TRUTH_MODELS)
         planted, planted_se = true_delta(pool, args.workers, (PLANTED_SIGNAL, SEED_SD), (1.0, SEED_SD), 20)
         print(f"truth: unstable arm Δ mean AUC {truth_unstable:+.4f} ± {truth_se:.4f}; planted Δ {planted:+.4f} "
               f"± {planted_se:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'median seeds to decide at 0.005':>31}")
     for seeds in POWER_SEEDS:
         rows = [p[seeds] for p in powers]
-        print(f"  {seeds:>9}  {np.median([r['mde'] for r in rows]):>22.4f}  {np.mean([r['found'] for r in rows]):>15.0%}"
+        mde, found = np.median([r["mde"] for r in rows]), np.mean([r["found"] for r in rows])
+        print(f"  {seeds:>9}  {mde:>22.4f}  {found:>15.0%}"
               f"  {np.mean([r['false'] for r in rows]):>9.1%}  {np.nanmedian([r['to_decide'] for r in rows]):>31.0f}")
     print(f"\ntotal {elapsed / 60:.1f} min on {args.workers} workers, load average at the end {load_average()}")
     return 0

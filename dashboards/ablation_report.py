@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"equivalence margin on Δ (default: the sweep's --margin, else {fx.DEFAULT_MARGIN})")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default: %(default)s)")
     parser.add_argument("--confidence", type=float, default=1 - fx.DEFAULT_ALPHA,
-                        help="interval level; α = 1 − confidence is every family's error rate (default: %(default)s)")
+                        help="interval level; α = 1 − confidence is every family's error rate "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: %(default)s)")
     parser.add_argument("--no-log", action="store_true", help="write the files only; log nothing to MLflow")
     return parser.parse_args(argv)
@@ -91,7 +92,9 @@ def run_predictions(args: argparse.Namespace) -> int:
 
 
 def analyse(predictions, args: argparse.Namespace, *, title: str, groups=None, thresholds: str,
-            rounds: fx.SeedRounds | None = None, margin: float | None = None, **context) -> tuple[fx.Analysis, ReportContext]:
+            rounds: fx.SeedRounds | None = None, margin: float | None = None,
+            **context) -> tuple[fx.Analysis, ReportContext]:
+    """The effect analysis as the command line asks for it; `margin` is the sweep's, used unless --margin."""
     margin = args.margin if args.margin is not None else margin if margin is not None else fx.DEFAULT_MARGIN
     alpha = 1 - args.confidence
     resampled = fx.resample(predictions, args.baseline, n_boot=args.n_boot, seed=args.seed, groups=groups)

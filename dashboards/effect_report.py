@@ -149,7 +149,8 @@ def _html(table: pd.DataFrame, ctx: ReportContext, pngs: Mapping[str, bytes]) ->
 
 
 def _summary(table: pd.DataFrame, ctx: ReportContext) -> str:
-    lines = [f"ablation report — {ctx.title}: each arm vs {ctx.baseline!r}, margin ±{ctx.margin:g}, α {ctx.alpha:g}",
+    lines = [f"ablation report — {ctx.title}: each arm vs {ctx.baseline!r}, margin ±{ctx.margin:g}, "
+             f"α {ctx.alpha:g}",
              "", f"primary (Δ mean AUC, Holm); {1 - ctx.alpha:.0%} interval, adjusted p, smallest detectable Δ:"]
     for row in table[table["family"] == PRIMARY].itertuples():
         extra = []
@@ -165,7 +166,8 @@ def _summary(table: pd.DataFrame, ctx: ReportContext) -> str:
                      f"{row.verdict}" + (f"  ({'; '.join(extra)})" if extra else ""))
     secondary = calls(table, SECONDARY)
     n_rows = int((table["family"] == SECONDARY).sum())
-    lines += ["", f"secondary calls (per-finding AUC/F1 and mean F1, Benjamini–Hochberg): {len(secondary)} of {n_rows}"]
+    lines += ["", f"secondary calls (per-finding AUC/F1 and mean F1, Benjamini–Hochberg): {len(secondary)} of "
+                  f"{n_rows}"]
     lines += [f"  {r.arm} {r.finding} {r.metric.upper()}: Δ {r.delta:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}] "
               f"p_adj {r.p_adjusted:.3g} {r.verdict}" for r in secondary.itertuples()] or ["  none"]
     lines += ["", *method_lines(ctx), *limits(table, ctx)]

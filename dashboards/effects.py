@@ -372,7 +372,7 @@ def _t_tests(delta: np.ndarray, se: np.ndarray, df: np.ndarray, margin: float
         above_lower = stats.t.sf((delta + margin) / se, df)          # H0: Δ <= -margin
         below_upper = stats.t.cdf((delta - margin) / se, df)         # H0: Δ >= +margin
         p_equivalence = np.where(usable, np.fmax(above_lower, below_upper), np.nan)
-    exact = np.isfinite(delta) & (se == 0)          # identical predictions in both arms: no uncertainty at all
+    exact = np.isfinite(delta) & (se == 0)          # every seed of every arm scores alike: nothing uncertain
     p_up = np.where(exact, (delta <= 0).astype(float), p_up)
     p_down = np.where(exact, (delta >= 0).astype(float), p_down)
     p_equivalence = np.where(exact, (np.abs(delta) >= margin).astype(float), p_equivalence)
@@ -550,7 +550,7 @@ def _conclude(resampled: Resampled, history: History, last_look: Mapping[str, Lo
         part = rows[rows["family"] == family].copy()
         decide_family(part, method, alpha)
         level = family_level(part, method, alpha)
-        if rounds is not None:      # the level of the last planned look, for the whole family level
+        if rounds is not None:      # the nominal level of the last planned look that spends the family's level
             level = final_look_level([rounds.fraction(n) for n in rounds.looks], level)
         add_power(part, last_look, baseline, margin, level, (MEAN, *resampled.findings))
         families.append(part)

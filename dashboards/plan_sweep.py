@@ -126,7 +126,8 @@ class Cost:
 
     def __init__(self, epoch_seconds: float | None, epochs: int | None, per_trial: float, unit: str,
                  how: str = "given"):
-        self.epoch_seconds, self.epochs, self.per_trial, self.unit, self.how = epoch_seconds, epochs, per_trial, unit, how
+        self.epoch_seconds, self.epochs, self.per_trial = epoch_seconds, epochs, per_trial
+        self.unit, self.how = unit, how
 
     @classmethod
     def of_sweep(cls, sweep, trials, args: argparse.Namespace) -> "Cost":

@@ -78,8 +78,8 @@ def effect_heatmap(effects: pd.DataFrame, metric: str = "auc") -> Figure:
     ax.set_xticks(range(len(findings)), findings, rotation=45, ha="right")
     ax.set_yticks(range(len(arms)), arms)
     fig.colorbar(image, ax=ax, label=f"Δ {METRIC_LABELS.get(metric, metric)} vs baseline")
-    ax.set_title(f"Δ {METRIC_LABELS.get(metric, metric)} × 100 per arm and finding (▲ helps, ▼ hurts, = equivalent; "
-                 f"family-adjusted; grey: one seed)", fontsize=9)
+    ax.set_title(f"Δ {METRIC_LABELS.get(metric, metric)} × 100 per arm and finding (▲ helps, ▼ hurts, "
+                 f"= equivalent; family-adjusted; grey: one seed)", fontsize=9)
     return fig
 
 

@@ -83,7 +83,8 @@ def _read_file(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: no rows")
     for column in ID_COLUMNS:
         if frame[column].isna().any():
-            raise DataError(f"{path}: column {column} has an empty value in row {int(frame[column].isna().argmax()) + 2}")
+            row = int(frame[column].isna().argmax()) + 2
+            raise DataError(f"{path}: column {column} has an empty value in row {row}")
     if frame["image"].duplicated().any():
         raise DataError(f"{path}: column image lists {frame.loc[frame['image'].duplicated(), 'image'].iloc[0]} twice")
     for finding in FINDINGS:
@@ -94,8 +95,9 @@ def _read_file(path: Path) -> pd.DataFrame:
                             f"{int(bad_label.argmax()) + 2}; expected 0 or 1")
         bad_prob = ~(np.isfinite(prob) & (prob >= 0) & (prob <= 1))
         if bad_prob.any():
-            raise DataError(f"{path}: column prob_{finding} holds {frame[f'prob_{finding}'][bad_prob].tolist()[0]!r} in "
-                            f"row {int(bad_prob.argmax()) + 2}; expected a probability in 0..1")
+            value = frame[f"prob_{finding}"][bad_prob].tolist()[0]
+            raise DataError(f"{path}: column prob_{finding} holds {value!r} in row {int(bad_prob.argmax()) + 2}; "
+                            f"expected a probability in 0..1")
         frame[f"prob_{finding}"] = prob
     return frame
 

@@ -4,7 +4,7 @@ Looking at a comparison after every round of seeds and stopping as soon as it is
 rate: five looks at a nominal 5% reject a true null about 14% of the time. The rule used here is Lan–DeMets
 alpha spending with the O'Brien–Fleming-type function
 
-    α(t) = 2 − 2 Φ(Φ⁻¹(1 − α/2) / √t),   t = information fraction = seeds at this look / planned maximum seeds,
+    α(t) = 2 − 2 Φ(Φ⁻¹(1 − α/2) / √t),   t = information fraction = seeds at this look / planned max seeds,
 
 for each one-sided test: the crossing probability spent by look j is α(t_j), so the overall probability of ever
 crossing is α however many looks there are (Lan & DeMets 1983). It spends almost nothing early (t = 1/4 of
