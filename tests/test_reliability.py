@@ -213,7 +213,6 @@ CORRUPTIONS = {
     "patient-in-both-lists": _patient_in_both_lists,
     "empty-split-after-filter": _empty_split_after_filter,
     "age-unparseable": _set_cell("Patient Age", "abc"),
-    "age-out-of-range": _set_cell("Patient Age", "150"),
 }
 # Only decoding finds these: the trial finds them when it builds its image cache.
 IMAGE_CORRUPTIONS = ("zero-byte-png", "truncated-png", "jpeg-renamed-png")
