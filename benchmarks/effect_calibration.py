@@ -33,6 +33,7 @@ import gc
 import os
 import sys
 import time
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from _common import command_line, load_average, machine_info, print_header, usab
 from dashboards.effects import (DECIDED, HELPS, HURTS, MEAN, PRIMARY, SECONDARY, SeedRounds, analyse,  # noqa: E402
                                 resample)
 from dashboards.simulate import delta_draws, simulate_sweep  # noqa: E402
+from trainable.metrics import choose_thresholds  # noqa: E402
 
 ARMS = ("baseline", "a1", "a2", "a3", "a4", "a5")
 SEED_SD, UNSTABLE_SCALE, PLANTED_SIGNAL = 0.15, 3.0, 1.19
@@ -67,8 +69,8 @@ def primary(table):
 
 def null_sweep(job: tuple[int, int]) -> dict:
     replicate, n_boot = job
-    arms = simulate_sweep(dict.fromkeys(ARMS, 1.0), n_seeds=ROUNDS.max_seeds, n_images=N_IMAGES, seed_sd=SEED_SD,
-                          seed=10_000 + replicate)
+    arms = with_thresholds(simulate_sweep(dict.fromkeys(ARMS, 1.0), n_seeds=ROUNDS.max_seeds, n_images=N_IMAGES,
+                                          seed_sd=SEED_SD, seed=10_000 + replicate, thresholds=False), FIXED_SEEDS)
     resampled = resample(arms, "baseline", n_boot=n_boot, seed=replicate)
     fixed = analyse(resampled.first_seeds(dict.fromkeys(ARMS, FIXED_SEEDS)), "baseline", margin=MARGIN,
                     alpha=ALPHA).table
@@ -78,10 +80,17 @@ def null_sweep(job: tuple[int, int]) -> dict:
     return {"fwer": bool(head["verdict"].isin(CALLS).any()),
             "secondary_calls": int(fixed.loc[fixed["family"] == SECONDARY, "verdict"].isin(CALLS).sum()),
             "delta": head["delta"].to_numpy(), "half_width": ((head["ci_high"] - head["ci_low"]) / 2).to_numpy(),
-            "mde": head["mde"].to_numpy(),
+            "mde": head["mde"].to_numpy(), "own": (head["variance"] != "pooled").to_numpy(),
             "sequential_fwer": bool(seq_head["verdict"].isin(CALLS).any()),
             "sequential_seeds": seq_head["n_seeds"].to_numpy(),
             "naive_fwer": naive_sequential_call(resampled)}
+
+
+def with_thresholds(arms: dict, seeds: int) -> dict:
+    """F1 thresholds chosen as a trial chooses them, for the first `seeds` seeds of each arm only: the later
+    seeds feed only the sequential primary family (mean AUC), and choosing thresholds is most of a sweep's cost."""
+    return {arm: [replace(trial, thresholds=choose_thresholds(trial.labels, trial.probs)) if s < seeds else trial
+                  for s, trial in enumerate(trials)] for arm, trials in arms.items()}
 
 
 def naive_sequential_call(resampled) -> bool:
@@ -104,7 +113,7 @@ def unstable_sweep(job: tuple[int, int]) -> dict:
     replicate, n_boot = job
     spreads = {arm: SEED_SD * (UNSTABLE_SCALE if arm == "a1" else 1.0) for arm in ARMS}
     arms = simulate_sweep(dict.fromkeys(ARMS, 1.0), n_seeds=FIXED_SEEDS, n_images=N_IMAGES, seed_sd=spreads,
-                          seed=20_000 + replicate)
+                          seed=20_000 + replicate, thresholds=False)
     head = primary(analyse(resample(arms, "baseline", n_boot=n_boot, seed=replicate), "baseline", margin=MARGIN,
                            alpha=ALPHA).table)
     return {"delta": head["delta"].to_numpy(), "low": head["ci_low"].to_numpy(), "high": head["ci_high"].to_numpy(),
@@ -147,8 +156,9 @@ def rate(values, what: str, target: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweeps", type=int, default=300, help="null and unstable-arm sweeps (default: 300)")
-    parser.add_argument("--power-sweeps", type=int, default=100, help="sweeps per power row (default: 100)")
+    parser.add_argument("--sweeps", type=int, default=200, help="null sweeps (default: 200)")
+    parser.add_argument("--unstable-sweeps", type=int, default=400, help="sweeps with one unstable arm (default: 400)")
+    parser.add_argument("--power-sweeps", type=int, default=60, help="sweeps per power row (default: 60)")
     parser.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates per sweep (default: 200)")
     parser.add_argument("--workers", type=int, default=usable_cores(), help="processes (default: all cores)")
     args = parser.parse_args(argv)
@@ -163,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
               f"± {planted_se:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
         nulls = pool.map(null_sweep, [(r, args.n_boot) for r in range(args.sweeps)], chunksize=2)
         print(f"null sweeps done ({time.perf_counter() - started:.0f} s, load {load_average()})", flush=True)
-        unstable = pool.map(unstable_sweep, [(r, args.n_boot) for r in range(args.sweeps)], chunksize=4)
+        unstable = pool.map(unstable_sweep, [(r, args.n_boot) for r in range(args.unstable_sweeps)], chunksize=4)
         print(f"unstable-arm sweeps done ({time.perf_counter() - started:.0f} s)", flush=True)
         powers = pool.map(power_sweep, [(r, args.n_boot) for r in range(args.power_sweeps)], chunksize=2)
     elapsed = time.perf_counter() - started
@@ -189,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     print(rate([n["secondary_calls"] > 0 for n in nulls], "false discovery rate, per-finding AUC/F1 (BH)", "<= 5%"))
     print(f"  {'secondary calls per sweep (140 null rows)':<58} {np.mean([n['secondary_calls'] for n in nulls]):6.3f}")
     print(rate(covered, "coverage of the 95% interval of Δ mean AUC, equal arms", "93-97%"))
+    print(f"  {'comparisons judged by an arm flagged unstable (own variance)':<58} "
+          f"{np.concatenate([n['own'] for n in nulls]).mean():6.1%}")
     print(f"  {'median half-width / known-variance oracle':<58} {width_ratio:6.2f}   (oracle {oracle:.4f}, median "
           f"half-width {np.median(half):.4f})   target <= 1.25")
     print(f"\nthe same sweeps under --until-decided (looks at {', '.join(map(str, ROUNDS.looks))} seeds, "
@@ -196,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     print(rate([n["sequential_fwer"] for n in nulls], "family-wise false-call rate, primary", "<= 5%"))
     print(rate([n["naive_fwer"] for n in nulls], "for contrast: stopping at the first fixed-sample Holm call", "-"))
     print(f"  {'mean seeds per arm used':<58} {seeds_used.mean():6.2f}")
-    print(f"\n{args.sweeps} sweeps of 6 arms × {FIXED_SEEDS} seeds, arm a1 at {UNSTABLE_SCALE:g}× the seed spread "
-          f"(true Δ {truth_unstable:+.4f}):")
+    print(f"\n{args.unstable_sweeps} sweeps of 6 arms × {FIXED_SEEDS} seeds, arm a1 at {UNSTABLE_SCALE:g}× the seed "
+          f"spread (true Δ {truth_unstable:+.4f}):")
     print(rate(covered_u[:, 0], "coverage of the unstable arm's 95% interval", "93-97%"))
     print(rate(covered_u[:, 1:].ravel(), "coverage of the other arms' intervals", "93-97%"))
     print(f"  {'unstable arm given its own variance (flagged)':<58} {own[:, 0].mean():6.1%}   other arms "

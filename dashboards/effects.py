@@ -472,8 +472,10 @@ def analyse(resampled: Resampled, baseline: str, *, margin: float = DEFAULT_MARG
 
 def primary_verdicts(history: History, alpha: float = DEFAULT_ALPHA) -> dict[str, str]:
     """The primary family's verdict per arm from the looks so far."""
-    latest = pd.concat([_sequential_rows(looks) for looks in history.values()], ignore_index=True)
-    primary = latest[(latest["finding"] == MEAN) & (latest["metric"] == "auc")].copy()
+    def primary_rows(rows: pd.DataFrame) -> pd.DataFrame:
+        return rows[(rows["finding"] == MEAN) & (rows["metric"] == "auc")]
+    primary = pd.concat([_sequential_rows([(fraction, primary_rows(rows)) for fraction, rows in looks])
+                         for looks in history.values()], ignore_index=True)
     decide_family(primary, "holm", alpha)
     return dict(zip(primary["arm"], primary["verdict"]))
 
