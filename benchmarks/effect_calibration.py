@@ -54,7 +54,7 @@ FIXED_SEEDS, ROUNDS = 3, SeedRounds(initial=3, max_seeds=12, step=3)
 POWER_SEEDS = (2, 3, 5, 8)
 MARGIN, ALPHA, N_IMAGES = 0.005, 0.05, 2000
 CALLS = (HELPS, HURTS)
-TRUTH_MODELS = 300
+TRUTH_MODELS = 150           # Monte-Carlo SE of the unstable arm's true Δ: ~0.0006, against intervals of ±0.05
 
 
 def _worker_init() -> None:
@@ -144,6 +144,22 @@ def true_delta(pool, workers: int, arm, baseline, n_models: int) -> tuple[float,
     return float(draws.mean()), float(draws.std(ddof=1) / np.sqrt(len(draws)))
 
 
+SIMULATIONS = {"null": null_sweep, "unstable": unstable_sweep, "power": power_sweep}
+
+
+def run_job(job: tuple[str, int, int]) -> tuple[str, dict, float]:
+    kind, replicate, n_boot = job
+    cpu = time.process_time()
+    return kind, SIMULATIONS[kind]((replicate, n_boot)), time.process_time() - cpu
+
+
+def interleaved(counts: dict[str, int], n_boot: int) -> list[tuple[str, int, int]]:
+    """Every kind's sweeps in one stream, each kind spread evenly over it: a run stopped early (--minutes) has
+    done about the same share of each."""
+    jobs = [(kind, r, n_boot) for kind, n in counts.items() for r in range(n)]
+    return sorted(jobs, key=lambda job: (job[1] + 0.5) / counts[job[0]])
+
+
 def binomial_se(p: float, n: int) -> float:
     return float(np.sqrt(max(p * (1 - p), 1e-12) / n))
 
@@ -161,22 +177,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--power-sweeps", type=int, default=60, help="sweeps per power row (default: 60)")
     parser.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates per sweep (default: 200)")
     parser.add_argument("--workers", type=int, default=usable_cores(), help="processes (default: all cores)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop after this many minutes and report on the sweeps done (a busy machine)")
     args = parser.parse_args(argv)
     info = machine_info()
     print_header("effect analysis calibration", info, command_line())
     started = time.perf_counter()
+    done: dict[str, list] = {kind: [] for kind in SIMULATIONS}
+    cpu_seconds: dict[str, list] = {kind: [] for kind in SIMULATIONS}
+    counts = {"null": args.sweeps, "unstable": args.unstable_sweeps, "power": args.power_sweeps}
     with get_context("spawn").Pool(args.workers, initializer=_worker_init) as pool:
         truth_unstable, truth_se = true_delta(pool, args.workers, (1.0, SEED_SD * UNSTABLE_SCALE), (1.0, SEED_SD),
                                               TRUTH_MODELS)
         planted, planted_se = true_delta(pool, args.workers, (PLANTED_SIGNAL, SEED_SD), (1.0, SEED_SD), 20)
         print(f"truth: unstable arm Δ mean AUC {truth_unstable:+.4f} ± {truth_se:.4f}; planted Δ {planted:+.4f} "
               f"± {planted_se:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
-        nulls = pool.map(null_sweep, [(r, args.n_boot) for r in range(args.sweeps)], chunksize=2)
-        print(f"null sweeps done ({time.perf_counter() - started:.0f} s, load {load_average()})", flush=True)
-        unstable = pool.map(unstable_sweep, [(r, args.n_boot) for r in range(args.unstable_sweeps)], chunksize=4)
-        print(f"unstable-arm sweeps done ({time.perf_counter() - started:.0f} s)", flush=True)
-        powers = pool.map(power_sweep, [(r, args.n_boot) for r in range(args.power_sweeps)], chunksize=2)
+        jobs = interleaved(counts, args.n_boot)
+        for finished, (kind, result, cpu) in enumerate(pool.imap_unordered(run_job, jobs), start=1):
+            done[kind].append(result)
+            cpu_seconds[kind].append(cpu)
+            if finished % 50 == 0:
+                print(f"{finished}/{len(jobs)} sweeps ({time.perf_counter() - started:.0f} s, load "
+                      f"{load_average()})", flush=True)
+            if args.minutes is not None and time.perf_counter() - started > 60 * args.minutes:
+                print(f"--minutes {args.minutes:g} reached after {finished} of {len(jobs)} sweeps", flush=True)
+                pool.terminate()
+                break
     elapsed = time.perf_counter() - started
+    nulls, unstable, powers = done["null"], done["unstable"], done["power"]
 
     deltas = np.concatenate([n["delta"] for n in nulls])
     half = np.concatenate([n["half_width"] for n in nulls])
@@ -193,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     own = np.stack([u["own"] for u in unstable])
     seeds_used = np.concatenate([n["sequential_seeds"] for n in nulls])
 
-    print(f"\n{args.sweeps} null sweeps of 6 arms × {FIXED_SEEDS} seeds ({args.sweeps * 5} comparisons), "
+    print(f"\n{len(nulls)} null sweeps of 6 arms × {FIXED_SEEDS} seeds ({len(nulls) * 5} comparisons), "
           f"{N_IMAGES} images, {args.n_boot} bootstrap replicates, margin {MARGIN}, α {ALPHA}:")
     print(rate([n["fwer"] for n in nulls], "family-wise false-call rate, primary (Holm)", "<= 5%"))
     print(rate([n["secondary_calls"] > 0 for n in nulls], "false discovery rate, per-finding AUC/F1 (BH)", "<= 5%"))
@@ -208,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     print(rate([n["sequential_fwer"] for n in nulls], "family-wise false-call rate, primary", "<= 5%"))
     print(rate([n["naive_fwer"] for n in nulls], "for contrast: stopping at the first fixed-sample Holm call", "-"))
     print(f"  {'mean seeds per arm used':<58} {seeds_used.mean():6.2f}")
-    print(f"\n{args.unstable_sweeps} sweeps of 6 arms × {FIXED_SEEDS} seeds, arm a1 at {UNSTABLE_SCALE:g}× the seed "
+    print(f"\n{len(unstable)} sweeps of 6 arms × {FIXED_SEEDS} seeds, arm a1 at {UNSTABLE_SCALE:g}× the seed "
           f"spread (true Δ {truth_unstable:+.4f}):")
     print(rate(covered_u[:, 0], "coverage of the unstable arm's 95% interval", "93-97%"))
     print(rate(covered_u[:, 1:].ravel(), "coverage of the other arms' intervals", "93-97%"))
@@ -216,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{own[:, 1:].mean():.1%}")
     print(f"  {'unstable arm: median half-width / its oracle':<58} "
           f"{np.median((high[:, 0] - low[:, 0]) / 2) / oracle_u:6.2f}")
-    print(f"\npower table: 6 arms, one with a planted Δ mean AUC of {planted:+.4f}, {args.power_sweeps} sweeps per "
+    print(f"\npower table: 6 arms, one with a planted Δ mean AUC of {planted:+.4f}, {len(powers)} sweeps per "
           f"row; Holm over 5 comparisons")
     print(f"  {'seeds/arm':>9}  {'median mde (80% power)':>22}  {'power at Δ 0.02':>15}  {'null FWER':>9}  "
           f"{'median seeds to decide at 0.005':>31}")
@@ -225,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         mde, found = np.median([r["mde"] for r in rows]), np.mean([r["found"] for r in rows])
         print(f"  {seeds:>9}  {mde:>22.4f}  {found:>15.0%}"
               f"  {np.mean([r['false'] for r in rows]):>9.1%}  {np.nanmedian([r['to_decide'] for r in rows]):>31.0f}")
-    print(f"\ntotal {elapsed / 60:.1f} min on {args.workers} workers, load average at the end {load_average()}")
+    per_sweep = ", ".join(f"{kind} {np.mean(seconds):.1f} s" for kind, seconds in cpu_seconds.items() if seconds)
+    cpu_minutes = sum(map(sum, cpu_seconds.values())) / 60
+    print(f"\ntotal {elapsed / 60:.1f} min on {args.workers} workers, load average at the end {load_average()}; "
+          f"the sweeps took {cpu_minutes:.1f} CPU-minutes ({per_sweep} per sweep): about {cpu_minutes / 2:.0f} "
+          f"minutes on 2 idle cores")
     return 0
 
 
