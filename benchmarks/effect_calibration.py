@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/effect_calibration.py --minutes 20 # a busy machine: report on the sweeps done by then
 
 The default 200 null sweeps resolve a 5% error rate to ±1.6% (binomial standard error), the 400 unstable-arm
-sweeps a 95% coverage to ±1.1%; --sweeps 600 takes ~15 minutes more and resolves ±0.9%.
+sweeps a 95% coverage to ±1.1%; --sweeps 600 takes ~9 minutes more and resolves ±0.9%.
 
 Every sweep comes from dashboards/simulate.py (2000 validation images from ~1000 patients, NIH prevalences floored
 at 2%, seed-level noise on) and is analysed by dashboards/effects.py exactly as a report is: the shared patient

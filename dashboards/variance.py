@@ -26,9 +26,10 @@ their stability: an arm is *unstable* when its seed spread is credibly larger th
 permutation test (p < 5%) of the arm's mean log variance ratio over all columns of the metric (all findings and
 the mean: training instability shows in every finding, which gives the test power that 2 df alone lack). An
 unstable arm uses its own s²_a, and the comparison's degrees of freedom are capped at k_a − 1 (Welch–
-Satterthwaite alone, which estimates the df from the same 2-df variances, undercovers there; measured in
-benchmarks/effect_calibration.py). The pooled variance then leaves the unstable arms out. Otherwise the df are
-Welch–Satterthwaite's over the terms (C with infinite df).
+Satterthwaite alone estimates the df from the same 2-df variances, and overstates them whenever s²_a happens
+to come out small). The pooled variance then leaves the unstable arms out. Otherwise the df are Welch–
+Satterthwaite's over the terms (C with infinite df). Coverage with one arm at 3× the others' seed spread is
+measured in benchmarks/effect_calibration.py.
 
 An arm with one seed has no seed variance of its own: it borrows the pooled one (assuming it varies like the
 others), and its rows say so; with no arm of two seeds there is no seed variance at all: not estimable.
