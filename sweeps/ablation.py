@@ -152,7 +152,6 @@ class Ablation:
             files[ROUNDS_FILE] = record
         return SweepReport(text="\n".join(lines), tags={"failed_trials": str(failed)}, files=files)
 
-
     def _rounds(self, trials: list) -> tuple[dict[str, str], str]:
         """--until-decided: why each arm stopped, replayed from the trials' predictions as the searcher saw them,
         and seed_rounds.json."""
