@@ -172,6 +172,63 @@ def rate(values, what: str, target: str) -> str:
     return f"  {what:<58} {p:6.1%}  ± {binomial_se(p, len(values)):.1%}   target {target}"
 
 
+def print_nulls(nulls: list[dict], n_boot: int) -> None:
+    deltas = np.concatenate([n["delta"] for n in nulls])
+    half = np.concatenate([n["half_width"] for n in nulls])
+    oracle = 1.96 * deltas.std(ddof=1)
+    covered = np.abs(deltas) <= half
+    width_ratio = np.median(half) / oracle
+    seeds_used = np.concatenate([n["sequential_seeds"] for n in nulls])
+
+    print(f"\n{len(nulls)} null sweeps of 6 arms × {FIXED_SEEDS} seeds ({len(nulls) * 5} comparisons), "
+          f"{N_IMAGES} images, {n_boot} bootstrap replicates, margin {MARGIN}, α {ALPHA}:")
+    print(rate([n["fwer"] for n in nulls], "family-wise false-call rate, primary (Holm)", "<= 5%"))
+    print(rate([n["secondary_calls"] > 0 for n in nulls], "false discovery rate, per-finding AUC/F1 (BH)", "<= 5%"))
+    print(f"  {'secondary calls per sweep (140 null rows)':<58} {np.mean([n['secondary_calls'] for n in nulls]):6.3f}")
+    print(rate(covered, "coverage of the 95% interval of Δ mean AUC, equal arms", "93-97%"))
+    print(f"  {'comparisons judged by an arm flagged unstable (own variance)':<58} "
+          f"{np.concatenate([n['own'] for n in nulls]).mean():6.1%}")
+    print(f"  {'median half-width / known-variance oracle':<58} {width_ratio:6.2f}   (oracle {oracle:.4f}, median "
+          f"half-width {np.median(half):.4f})   target <= 1.25")
+    print(f"\nthe same sweeps under --until-decided (looks at {', '.join(map(str, ROUNDS.looks))} seeds, "
+          f"O'Brien-Fleming alpha spending):")
+    print(rate([n["sequential_fwer"] for n in nulls], "family-wise false-call rate, primary", "<= 5%"))
+    print(rate([n["naive_fwer"] for n in nulls], "for contrast: stopping at the first fixed-sample Holm call", "-"))
+    print(f"  {'mean seeds per arm used':<58} {seeds_used.mean():6.2f}")
+
+
+def print_unstable(unstable: list[dict], truth_unstable: float) -> None:
+    low = np.stack([u["low"] for u in unstable])
+    high = np.stack([u["high"] for u in unstable])
+    delta_u = np.stack([u["delta"] for u in unstable])
+    truth = np.zeros(low.shape[1])
+    truth[0] = truth_unstable                                   # column 0 is arm a1, the unstable one
+    covered_u = (low <= truth) & (truth <= high)
+    oracle_u = 1.96 * delta_u[:, 0].std(ddof=1)
+    own = np.stack([u["own"] for u in unstable])
+
+    print(f"\n{len(unstable)} sweeps of 6 arms × {FIXED_SEEDS} seeds, arm a1 at {UNSTABLE_SCALE:g}× the seed "
+          f"spread (true Δ {truth_unstable:+.4f}):")
+    print(rate(covered_u[:, 0], "coverage of the unstable arm's 95% interval", "93-97%"))
+    print(rate(covered_u[:, 1:].ravel(), "coverage of the other arms' intervals", "93-97%"))
+    print(f"  {'unstable arm given its own variance (flagged)':<58} {own[:, 0].mean():6.1%}   other arms "
+          f"{own[:, 1:].mean():.1%}")
+    print(f"  {'unstable arm: median half-width / its oracle':<58} "
+          f"{np.median((high[:, 0] - low[:, 0]) / 2) / oracle_u:6.2f}")
+
+
+def print_power(powers: list[dict], planted: float) -> None:
+    print(f"\npower table: 6 arms, one with a planted Δ mean AUC of {planted:+.4f}, {len(powers)} sweeps per "
+          f"row; Holm over 5 comparisons")
+    print(f"  {'seeds/arm':>9}  {'median mde (80% power)':>22}  {'power at Δ 0.02':>15}  {'null FWER':>9}  "
+          f"{'median seeds to decide at 0.005':>31}")
+    for seeds in POWER_SEEDS:
+        rows = [p[seeds] for p in powers]
+        mde, found = np.median([r["mde"] for r in rows]), np.mean([r["found"] for r in rows])
+        print(f"  {seeds:>9}  {mde:>22.4f}  {found:>15.0%}"
+              f"  {np.mean([r['false'] for r in rows]):>9.1%}  {np.nanmedian([r['to_decide'] for r in rows]):>31.0f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,53 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     nulls, unstable, powers = done["null"], done["unstable"], done["power"]
 
-    deltas = np.concatenate([n["delta"] for n in nulls])
-    half = np.concatenate([n["half_width"] for n in nulls])
-    oracle = 1.96 * deltas.std(ddof=1)
-    covered = np.abs(deltas) <= half
-    width_ratio = np.median(half) / oracle
-    low = np.stack([u["low"] for u in unstable])
-    high = np.stack([u["high"] for u in unstable])
-    delta_u = np.stack([u["delta"] for u in unstable])
-    truth = np.zeros(low.shape[1])
-    truth[0] = truth_unstable                                   # column 0 is arm a1, the unstable one
-    covered_u = (low <= truth) & (truth <= high)
-    oracle_u = 1.96 * delta_u[:, 0].std(ddof=1)
-    own = np.stack([u["own"] for u in unstable])
-    seeds_used = np.concatenate([n["sequential_seeds"] for n in nulls])
-
-    print(f"\n{len(nulls)} null sweeps of 6 arms × {FIXED_SEEDS} seeds ({len(nulls) * 5} comparisons), "
-          f"{N_IMAGES} images, {args.n_boot} bootstrap replicates, margin {MARGIN}, α {ALPHA}:")
-    print(rate([n["fwer"] for n in nulls], "family-wise false-call rate, primary (Holm)", "<= 5%"))
-    print(rate([n["secondary_calls"] > 0 for n in nulls], "false discovery rate, per-finding AUC/F1 (BH)", "<= 5%"))
-    print(f"  {'secondary calls per sweep (140 null rows)':<58} {np.mean([n['secondary_calls'] for n in nulls]):6.3f}")
-    print(rate(covered, "coverage of the 95% interval of Δ mean AUC, equal arms", "93-97%"))
-    print(f"  {'comparisons judged by an arm flagged unstable (own variance)':<58} "
-          f"{np.concatenate([n['own'] for n in nulls]).mean():6.1%}")
-    print(f"  {'median half-width / known-variance oracle':<58} {width_ratio:6.2f}   (oracle {oracle:.4f}, median "
-          f"half-width {np.median(half):.4f})   target <= 1.25")
-    print(f"\nthe same sweeps under --until-decided (looks at {', '.join(map(str, ROUNDS.looks))} seeds, "
-          f"O'Brien-Fleming alpha spending):")
-    print(rate([n["sequential_fwer"] for n in nulls], "family-wise false-call rate, primary", "<= 5%"))
-    print(rate([n["naive_fwer"] for n in nulls], "for contrast: stopping at the first fixed-sample Holm call", "-"))
-    print(f"  {'mean seeds per arm used':<58} {seeds_used.mean():6.2f}")
-    print(f"\n{len(unstable)} sweeps of 6 arms × {FIXED_SEEDS} seeds, arm a1 at {UNSTABLE_SCALE:g}× the seed "
-          f"spread (true Δ {truth_unstable:+.4f}):")
-    print(rate(covered_u[:, 0], "coverage of the unstable arm's 95% interval", "93-97%"))
-    print(rate(covered_u[:, 1:].ravel(), "coverage of the other arms' intervals", "93-97%"))
-    print(f"  {'unstable arm given its own variance (flagged)':<58} {own[:, 0].mean():6.1%}   other arms "
-          f"{own[:, 1:].mean():.1%}")
-    print(f"  {'unstable arm: median half-width / its oracle':<58} "
-          f"{np.median((high[:, 0] - low[:, 0]) / 2) / oracle_u:6.2f}")
-    print(f"\npower table: 6 arms, one with a planted Δ mean AUC of {planted:+.4f}, {len(powers)} sweeps per "
-          f"row; Holm over 5 comparisons")
-    print(f"  {'seeds/arm':>9}  {'median mde (80% power)':>22}  {'power at Δ 0.02':>15}  {'null FWER':>9}  "
-          f"{'median seeds to decide at 0.005':>31}")
-    for seeds in POWER_SEEDS:
-        rows = [p[seeds] for p in powers]
-        mde, found = np.median([r["mde"] for r in rows]), np.mean([r["found"] for r in rows])
-        print(f"  {seeds:>9}  {mde:>22.4f}  {found:>15.0%}"
-              f"  {np.mean([r['false'] for r in rows]):>9.1%}  {np.nanmedian([r['to_decide'] for r in rows]):>31.0f}")
+    if nulls:
+        print_nulls(nulls, args.n_boot)
+    if unstable:
+        print_unstable(unstable, truth_unstable)
+    if powers:
+        print_power(powers, planted)
     per_sweep = ", ".join(f"{kind} {np.mean(seconds):.1f} s" for kind, seconds in cpu_seconds.items() if seconds)
     cpu_minutes = sum(map(sum, cpu_seconds.values())) / 60
     print(f"\ntotal {elapsed / 60:.1f} min on {args.workers} workers, load average at the end {load_average()}; "
