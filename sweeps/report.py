@@ -24,6 +24,7 @@ class TrialOutcome:
     config: dict[str, Any]
     metrics: dict[str, Any]        # the trial's last reported result
     failed: bool
+    checkpoint: Any = None         # its last checkpoint (a tune.Checkpoint), if any
 
     @property
     def epoch(self) -> int:
@@ -40,7 +41,7 @@ class TrialOutcome:
 
 def outcomes(results: ResultGrid) -> list[TrialOutcome]:
     return [TrialOutcome(config=dict(result.config or {}), metrics=dict(result.metrics or {}),
-                         failed=result.error is not None) for result in results]
+                         failed=result.error is not None, checkpoint=result.checkpoint) for result in results]
 
 
 def unfinished_trials(saved: Iterable[Trial]) -> list[str]:

@@ -65,7 +65,7 @@ class SweepKind(Protocol):
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None: ...
     def param_space(self) -> dict[str, Any]: ...
-    def tune_options(self) -> dict[str, Any]: ...
+    def tune_options(self, location: SweepLocation) -> dict[str, Any]: ...
     def context(self, data: PreparedData, cache_dir: str | None) -> TrialContext: ...
     def describer(self, context: TrialContext) -> TrialDescriber: ...
     def report(self, results: tune.ResultGrid, *, title: str, epochs: int, describer: TrialDescriber,
@@ -271,9 +271,10 @@ def _tuner(sweep: Sweep, parent: SweepRun, context: TrialContext, describer: Tri
     logger = MLflowTrialLogger(experiment_id=parent.experiment_id, parent_run_id=parent.parent_run_id,
                                describer=describer)
     no_retry = NoRetryForDeterministic(sweep.location.name, args.max_failures)
+    options = plan.tune_options(sweep.location)
     tuner = tune.Tuner(
         trainable, param_space=plan.param_space(),
-        tune_config=tune.TuneConfig(**plan.tune_options(), max_concurrent_trials=args.max_concurrent or None,
+        tune_config=tune.TuneConfig(**options, max_concurrent_trials=args.max_concurrent or None,
                                     reuse_actors=True, trial_name_creator=tune_trial_name,
                                     trial_dirname_creator=tune_trial_dirname),
         run_config=tune.RunConfig(

@@ -23,6 +23,7 @@ from trainable.tune import TrialContext
 from .cluster import check_weight_files
 from .demo import SEARCH_DEMO
 from .naming import TrialDescriber, trial_run_name
+from .record import SweepLocation
 from .report import METRIC, MODE, SweepReport, TrialOutcome, fmt, format_table, outcomes
 
 DESCRIPTION = """Search: Optuna TPE over search_spaces/optuna_space.yaml with an ASHA scheduler, --num-samples trials,
@@ -139,7 +140,7 @@ class Search:
     def param_space(self) -> dict[str, Any]:
         return {}   # the searcher proposes every config
 
-    def tune_options(self) -> dict[str, Any]:
+    def tune_options(self, location: SweepLocation | None = None) -> dict[str, Any]:   # location: unused here
         # With a define-by-run space OptunaSearch needs metric and mode itself; TuneConfig gets them too.
         searcher = PruningAwareOptunaSearch(DefineByRun(self.space), metric=METRIC, mode=MODE,
                                             sampler=optuna.samplers.TPESampler(seed=self.args.search_seed),

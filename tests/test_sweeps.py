@@ -16,18 +16,21 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import ray
 import timm
 import torch
 from mlflow import MlflowClient
 
+from dashboards import ablation_report
 from sweeps.ablation import Ablation
 from sweeps.record import SweepLocation
 from sweeps.runner import main
 from sweeps.search import Search
 from sweeps.tune_state import StateDigests
 from trainable.config import TrialConfig
+from trainable.data.synthetic import generate
 from trainable.errors import ConfigError
 from trainable.findings import FINDINGS
 
@@ -284,6 +287,66 @@ def test_every_tune_state_file_of_a_search_is_recorded_and_a_changed_searcher_st
     searcher.write_bytes(searcher.read_bytes() + b"\0")
     with pytest.raises(ConfigError, match=rf"{re.escape(searcher.name)} was changed after this sweep's driver"):
         digests.verify(SweepLocation(str(tmp_path), "srch"), "check")
+
+
+# --- --until-decided: seeds only where the analysis is undecided ----------------------------------------------
+
+# An arm identical to the baseline (training is deterministic per seed: Δ = 0 exactly, and with a margin of 1e-4
+# no number of seeds shows equivalence) stays undecided by construction; an arm that cannot learn (lr 1e-8:
+# mean AUC ~0.5 against the baseline's ~0.87, seed sd ~0.01-0.05) is called `hurts` after the first round.
+DECISIVE_ARMS = "baseline_copy: {factor: control}\nfrozen: {factor: optimizer, lr: 1.0e-8}\n"
+
+
+def test_until_decided_adds_seeds_only_to_the_undecided_arm_and_resumes_after_a_kill(env, tmp_path):
+    data = generate(tmp_path / "data", patients=240, image_size=32, seed=5)
+    (tmp_path / "arms.yaml").write_text(DECISIVE_ARMS)
+    out = tmp_path / "out"
+    args = ["--data", str(data), "--out", str(out), "--name", "ud", "--arms", "baseline,baseline_copy,frozen",
+            "--arms-file", str(tmp_path / "arms.yaml"), "--seeds", "2", "--max-seeds", "3", "--until-decided",
+            "--margin", "0.0001", "--epochs", "2", "--val-fraction", "0.3", *TINY]
+    sweep = subprocess.Popen(command("run_ablation.py", *args), cwd=REPO, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill driver, Ray and trials at once in round 2, once one of its trials has checkpointed its first epoch.
+    deadline = time.monotonic() + SWEEP_TIMEOUT_S
+    while not glob.glob(str(out / "ud" / "*-s2_*" / "checkpoint_000000")):
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
+        time.sleep(0.5)
+    os.killpg(sweep.pid, signal.SIGKILL)
+    sweep.wait(timeout=60)
+    # round 2 went to the undecided arm and the baseline only
+    started = {m.group(1) for p in (out / "ud").iterdir() if p.is_dir() and (m := re.match(r"(.+-s\d+)_", p.name))}
+    assert {"baseline-s2", "baseline_copy-s2"} <= started and "frozen-s2" not in started
+
+    done = run_sweep(env, "run_ablation.py", "--resume", "--out", str(out))
+    assert done.returncode == 0
+    client, parent, children = mlflow_runs(out, "ud")
+    assert sorted(children) == sorted(["baseline-s0", "baseline-s1", "baseline-s2", "baseline_copy-s0",
+                                       "baseline_copy-s1", "baseline_copy-s2", "frozen-s0", "frozen-s1"])
+    assert len({run.data.tags["trial_id"] for run in children.values()}) == len(children)
+    for run in children.values():
+        assert run.info.status == "FINISHED"
+        assert steps(client, run) == [1, 2], run.info.run_name              # no epoch logged twice
+        assert run.data.metrics["epoch_seconds"] > 0
+    assert parent.info.status == "FINISHED" and parent.data.tags["resumes"] == "1"
+    rounds = json.loads((out / "ud" / "seed_rounds.json").read_text())
+    assert rounds["looks"] == [2, 3] and rounds["seeds"] == {"baseline_copy": 3, "frozen": 2}
+    assert rounds["stops"] == {"frozen": "hurts after 2 seeds", "baseline_copy": "seed budget spent (3): undecided"}
+    assert "seed_rounds.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    table = done.stdout[done.stdout.index("seeds stopped because"):].splitlines()
+    rows = {line.split()[0]: line for line in table[2:5]}
+    assert rows["frozen"].split()[2] == "2" and rows["frozen"].endswith("hurts after 2 seeds")
+    assert rows["baseline_copy"].split()[2] == "3" and rows["baseline"].split()[2] == "3"
+
+    # the report replays the same rounds from MLflow and says why each arm stopped
+    report = tmp_path / "report"
+    assert ablation_report.main(["--sweep", "ud", "--mlflow-uri", f"sqlite:///{out / 'mlflow.db'}", "--out",
+                                 str(report), "--n-boot", "200", "--no-log"]) == 0
+    effects = pd.read_csv(report / "effects.csv")
+    head = effects[(effects["finding"] == "mean") & (effects["metric"] == "auc")].set_index("arm")
+    assert head.loc["frozen", "verdict"] == "hurts" and head.loc["frozen", "n_seeds"] == 2
+    assert head.loc["baseline_copy", "verdict"] == "inconclusive" and head.loc["baseline_copy", "n_seeds"] == 3
+    assert head.loc["baseline_copy", "delta"] == 0.0
+    assert dict(head["stopped"]) == rounds["stops"]
 
 
 # --- refused before anything runs -------------------------------------------------------------------------------

@@ -126,12 +126,13 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
             trained = time.perf_counter()
             val_loss, probs = predict_probs(forward, augment, val_loader, cfg, device, criterion, pad_to=pad_eval_to)
             metrics, thresholds = epoch_metrics(val_split.labels, probs, val_loss=val_loss)
+            epoch_seconds = time.perf_counter() - started          # training + validation: what plan_sweep costs
             scheduler.step(val_loss)
             progress.update(epoch, metrics["val_auc_mean"])
             stop = progress.should_stop(cfg.early_stop_patience)
             # early_stopped=1 on the last report of a trial that ended itself (schedulers' stops are not marked)
             metrics = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-                       "train_images_per_s": seen / (trained - started),
+                       "train_images_per_s": seen / (trained - started), "epoch_seconds": epoch_seconds,
                        "early_stopped": float(stop and epoch < cfg.epochs), **metrics}
             validated = time.perf_counter()
             reporter.submit(metrics, _checkpoint_state(model, optimizer, scheduler, criterion, progress, cfg),
