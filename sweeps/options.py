@@ -68,6 +68,17 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     sweep.add_argument("--data", default=None, help="NIH ChestX-ray14 folder (Data_Entry CSV + images)")
     add_data_arguments(parser)
 
+    add_cluster_arguments(parser)
+
+    tracking = parser.add_argument_group("MLflow")
+    tracking.add_argument("--mlflow-uri", default=None,
+                          help="tracking server, e.g. http://host:5000 (default: $MLFLOW_TRACKING_URI, else "
+                               "OUT/mlflow.db, a SQLite file only this driver writes)")
+    return parser
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and with what the trials run: shared by the sweeps and final training."""
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--address", default=None,
                          help="Ray cluster to join, e.g. auto (default: $RAY_ADDRESS, else a local Ray)")
@@ -79,12 +90,6 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     cluster.add_argument("--max-failures", type=non_negative_int, default=1,
                          help="retries of a trial whose worker died or raised, each from its last checkpoint "
                               "(default: %(default)s)")
-
-    tracking = parser.add_argument_group("MLflow")
-    tracking.add_argument("--mlflow-uri", default=None,
-                          help="tracking server, e.g. http://host:5000 (default: $MLFLOW_TRACKING_URI, else "
-                               "OUT/mlflow.db, a SQLite file only this driver writes)")
-    return parser
 
 
 def apply_defaults(parser: argparse.ArgumentParser, argv: list[str], demo_defaults: dict[str, Any]

@@ -7,13 +7,14 @@ started. What differs between an ablation and a search is a SweepKind (ablation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import mlflow
 import ray
@@ -134,6 +135,13 @@ def _locate(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParser
             raise ConfigError(f"sweep {location.name!r} already exists in {storage}: --resume {location.name} "
                               f"continues it, --overwrite replaces it, --name picks another name")
         return location, None
+    return locate_resumed(kind, args, parser, storage)
+
+
+def locate_resumed(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParser, storage: str
+                   ) -> tuple[SweepLocation, SweepRecord]:
+    """The folder and record of the run `--resume` names (or the latest of this kind); the recorded arguments
+    replace the command line's, and one given here that differs from them is refused."""
     name = latest_sweep(storage, kind) if args.resume == LATEST else args.resume
     if name is None:
         raise ConfigError(f"--resume: no {kind} sweep in {storage} to resume (give --out/--storage of the sweep)")
@@ -159,11 +167,17 @@ def _sweep_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = parse_overrides(args.set)
     if "epochs" in overrides:
         raise ConfigError("--set epochs: the epoch budget of a sweep is --epochs")
-    for key in ("pretrained", "backbone"):     # trials run in their own folders: local paths travel absolute
+    return {**absolute_local_paths(overrides), "epochs": args.epochs}
+
+
+def absolute_local_paths(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Trials run in their own folders: a local weights file or model folder given relative travels absolute."""
+    overrides = dict(overrides)
+    for key in ("pretrained", "backbone"):
         value = overrides.get(key)
         if isinstance(value, str) and value not in ("none", "imagenet") and Path(value).expanduser().exists():
             overrides[key] = str(Path(value).expanduser().resolve())
-    return {**overrides, "epochs": args.epochs}
+    return overrides
 
 
 # --- on the cluster -----------------------------------------------------------------------------------------------
@@ -177,14 +191,22 @@ def run(sweep: Sweep) -> int:
           f"images per split {sizes}", flush=True)
     for note in sweep.data.notes():
         print(note, flush=True)
-    start_ray(sweep.args.address)
-    try:
-        check_shared_storage(sweep.location.storage, storage_given=sweep.args.storage is not None)
-        check_resources(sweep.args.cpus_per_trial, sweep.args.gpus_per_trial)
-        registry = start_registry(sweep.location.name)  # noqa: F841 - held: the actor lives as long as this handle
+    with cluster_session(sweep.args, sweep.location):
         parent = _reopen_parent(sweep) if sweep.resumed else _start_parent(sweep)
         mlflow.set_tracking_uri(sweep.uri)   # read by the logger callback; never pickled into Tune's state
         return _fit(sweep, parent)
+
+
+@contextlib.contextmanager
+def cluster_session(args: argparse.Namespace, location: SweepLocation) -> Iterator[None]:
+    """Ray joined (or started), checked for the run's storage and trial resources, with the run's no-retry
+    registry held for as long as the block runs; Ray is shut down on the way out."""
+    start_ray(args.address)
+    try:
+        check_shared_storage(location.storage, storage_given=args.storage is not None)
+        check_resources(args.cpus_per_trial, args.gpus_per_trial)
+        registry = start_registry(location.name)  # noqa: F841 - held: the actor lives as long as this handle
+        yield
     finally:
         ray.shutdown()
 
@@ -216,37 +238,47 @@ def _reopen_parent(sweep: Sweep) -> SweepRun:
 
 
 def _tuner(sweep: Sweep, parent: SweepRun, context: TrialContext, describer: TrialDescriber) -> tune.Tuner:
-    args, plan = sweep.args, sweep.plan
+    logger = MLflowTrialLogger(experiment_id=parent.experiment_id, parent_run_id=parent.parent_run_id,
+                               describer=describer)
+    return build_tuner(sweep.args, sweep.location, context, logger, resumed=sweep.resumed,
+                       param_space=sweep.plan.param_space(), tune_options=sweep.plan.tune_options(),
+                       progress_parameters=sweep.plan.progress_parameters)
+
+
+def build_tuner(args: argparse.Namespace, location: SweepLocation, context: TrialContext, logger: MLflowTrialLogger,
+                *, resumed: bool, param_space: dict[str, Any], tune_options: dict[str, Any],
+                progress_parameters: list[str], checkpoint_config: tune.CheckpointConfig | None = None
+                ) -> tune.Tuner:
+    """The Tuner of every run of trials (sweeps, final training): trainable.tune.run_trial with the run's
+    resources, the MLflow logger and no-retry callbacks, Tune's progress table, retries and checkpoints."""
     # tune.with_parameters sends the context (split table included) through the object store once
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
-    if sweep.resumed:   # Tune's saved state has the rest, the MLflow logger included
-        return tune.Tuner.restore(sweep.location.path, trainable=trainable, resume_errored=True)
-    logger = MLflowTrialLogger(experiment_id=parent.experiment_id, parent_run_id=parent.parent_run_id,
-                               describer=describer)
-    no_retry = NoRetryForDeterministic(sweep.location.name, args.max_failures)
+    # The new output engine ignores a passed-in progress reporter; the CLIReporter shows arm/seed and AUC/F1.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # num_to_keep makes Tune save its state at every checkpoint, which resume wants; Tune would warn about it.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if resumed:   # Tune's saved state has the rest, the MLflow logger included
+        return tune.Tuner.restore(location.path, trainable=trainable, resume_errored=True)
+    no_retry = NoRetryForDeterministic(location.name, args.max_failures)
     return tune.Tuner(
-        trainable, param_space=plan.param_space(),
-        tune_config=tune.TuneConfig(**plan.tune_options(), max_concurrent_trials=args.max_concurrent or None,
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(**tune_options, max_concurrent_trials=args.max_concurrent or None,
                                     reuse_actors=True, trial_name_creator=tune_trial_name,
                                     trial_dirname_creator=tune_trial_dirname),
         run_config=tune.RunConfig(
-            name=sweep.location.name, storage_path=sweep.location.storage, callbacks=[logger, no_retry], verbose=1,
-            progress_reporter=CLIReporter(parameter_columns=plan.progress_parameters, metric_columns=PROGRESS_METRICS,
+            name=location.name, storage_path=location.storage, callbacks=[logger, no_retry], verbose=1,
+            progress_reporter=CLIReporter(parameter_columns=progress_parameters, metric_columns=PROGRESS_METRICS,
                                           max_report_frequency=PROGRESS_EVERY_S),
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
             # the latest checkpoint is all that retries, resume and the MLflow artifacts need
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+            checkpoint_config=checkpoint_config or tune.CheckpointConfig(num_to_keep=1)))
 
 
 def _fit(sweep: Sweep, parent: SweepRun) -> int:
     context = dataclasses.replace(sweep.plan.context(sweep.data, sweep.args.cache_dir),
                                   failure_registry=registry_name(sweep.location.name))
     describer = sweep.plan.describer(context)
-    # The new output engine ignores a passed-in progress reporter; the CLIReporter shows arm/seed and AUC/F1.
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    # num_to_keep makes Tune save its state at every checkpoint, which resume wants; Tune would warn about it.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
         results = _tuner(sweep, parent, context, describer).fit()
     except BaseException as err:
@@ -260,10 +292,10 @@ def _fit(sweep: Sweep, parent: SweepRun) -> int:
         _report(sweep, parent, results, describer)
     print(f"\nfiles: {sweep.location.path}\nMLflow experiment {sweep.location.name!r}; browse it with:\n  "
           f"{ui_command(sweep.uri)}", flush=True)
-    return _exit_code(results, unfinished)
+    return exit_code(results, unfinished)
 
 
-def _exit_code(results: tune.ResultGrid, unfinished: list[str]) -> int:
+def exit_code(results: tune.ResultGrid, unfinished: list[str]) -> int:
     """0: every trial finished; 2: some trial failed on bad input (config, data, weights); 1: otherwise."""
     bad = [result for result in results if result.error is not None and is_bad_input(result.error)]
     if bad:

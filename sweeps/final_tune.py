@@ -1,0 +1,99 @@
+"""Final training's members as Ray Tune trials: the sweeps' trainable, Tuner, MLflow logger and no-retry callback
+(sweeps/runner.py), one trial per member (config x seed), checkpointed every epoch, resumable like a sweep.
+
+Tune keeps two checkpoints of each member: the latest (what a retry or `--resume` continues from) and the best by
+validation mean AUC, ranked as final.selection_key ranks epochs, so it is the epoch final.select_epoch selects
+from the member's full history. The test split is predicted by Ray tasks with the trials' resources: on a
+cluster whose head node has no GPU, the GPU nodes do it; the driver only decides on validation and reports.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import ray
+from ray import tune
+
+from trainable.config import TrialConfig
+from trainable.data.nih import PreparedData
+from trainable.evaluate import predict
+from trainable.runtime import gpu_device, pick_device
+from trainable.tune import ARM_KEY, TrialContext, node_name
+
+from .failures import registry_name
+from .final import SELECTION_METRIC, MemberSpec, TrainedMember, read_checkpoint, select_epoch
+from .mlflow_logger import STEP_KEY, MLflowTrialLogger, trial_metrics
+from .naming import TrialDescriber
+from .record import SweepLocation
+from .runner import build_tuner
+
+MEMBER_KIND = "final-member"          # the `kind` tag of a member's MLflow run
+MEMBER_KEY = "member"                 # trial config key: the member's name, <config label>-s<seed>
+CHECKPOINTS = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECTION_METRIC,
+                                    checkpoint_score_order="max")
+
+
+def member_context(specs: Sequence[MemberSpec], blinded: PreparedData, location: SweepLocation,
+                   cache_dir: str | None) -> TrialContext:
+    """Each config label is an arm (its full config); a trial is an arm at a seed. The data are the blinded ones:
+    no trial sees a test label."""
+    arms = {spec.label: spec.config.to_dict() for spec in specs}
+    return TrialContext(data=blinded, base_config={}, arms=arms, cache_dir=cache_dir,
+                        failure_registry=registry_name(location.name))
+
+
+class _MemberField:
+    """Tune's sample_from for one field (arm or seed) of the member that a trial's MEMBER_KEY names."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values = values
+
+    def __call__(self, spec) -> Any:
+        return self.values[spec.config[MEMBER_KEY]]
+
+
+def tuner(args: argparse.Namespace, location: SweepLocation, specs: Sequence[MemberSpec], context: TrialContext, *,
+          experiment_id: str, parent_run_id: str, resumed: bool) -> tune.Tuner:
+    # A grid over the members; each trial's arm and seed follow from its member (a grid over arms x seeds would
+    # pair every config with every seed). The default search keeps --max-concurrent working.
+    space = {MEMBER_KEY: tune.grid_search([spec.name for spec in specs]),
+             ARM_KEY: tune.sample_from(_MemberField({spec.name: spec.label for spec in specs})),
+             "seed": tune.sample_from(_MemberField({spec.name: spec.config.seed for spec in specs}))}
+    logger = MLflowTrialLogger(experiment_id=experiment_id, parent_run_id=parent_run_id,
+                               describer=TrialDescriber.for_sweep(MEMBER_KIND, context))
+    return build_tuner(args, location, context, logger, resumed=resumed, param_space=space, tune_options={},
+                       progress_parameters=[ARM_KEY, "seed"], checkpoint_config=CHECKPOINTS)
+
+
+def member_of(result: tune.Result, specs: Sequence[MemberSpec]) -> TrainedMember:
+    """A finished trial as the member it trained: its selected epoch's weights and validation predictions."""
+    spec = next(s for s in specs if s.name == (result.config or {}).get(MEMBER_KEY))
+    # progress.csv may repeat an epoch a resumed trial ran again (deterministically): the last one counts.
+    by_epoch = {int(row[STEP_KEY]): {**trial_metrics(row), STEP_KEY: int(row[STEP_KEY])}
+                for row in result.metrics_dataframe.to_dict("records")}
+    history = [by_epoch[epoch] for epoch in sorted(by_epoch)]
+    epoch = select_epoch(history)
+    kept = {int(metrics[STEP_KEY]): checkpoint for checkpoint, metrics in result.best_checkpoints}
+    if epoch not in kept:
+        raise RuntimeError(f"member {spec.name}: Tune kept checkpoints of epochs {sorted(kept)}, not of the selected "
+                           f"epoch {epoch}")
+    with kept[epoch].as_directory() as folder:
+        return read_checkpoint(spec, by_epoch[epoch], Path(folder), history)
+
+
+@ray.remote
+def _predict_test(config: dict, state_dict: dict, data: PreparedData, cache_dir: str | None, gpus: float
+                  ) -> np.ndarray:
+    device = gpu_device(gpus, node_name()) if gpus > 0 else pick_device()
+    return predict(TrialConfig.from_dict(config), state_dict, data, "test", cache_dir, device=device)
+
+
+def predict_test(members: Sequence[TrainedMember], blinded: PreparedData, args: argparse.Namespace
+                 ) -> list[np.ndarray]:
+    """Each member's test probabilities, as Ray tasks with a trial's resources (of the blinded data)."""
+    data = ray.put(blinded)
+    task = _predict_test.options(num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial)
+    return ray.get([task.remote(m.spec.config.to_dict(), m.state_dict, data, args.cache_dir, args.gpus_per_trial)
+                    for m in members])
