@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import ray
 from ray import tune
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from trainable.config import TrialConfig
 from trainable.data.nih import PreparedData
@@ -25,12 +26,11 @@ from trainable.tune import ARM_KEY, TrialContext, node_name
 from .failures import registry_name
 from .final import SELECTION_METRIC, MemberSpec, TrainedMember, read_checkpoint, select_epoch
 from .mlflow_logger import STEP_KEY, MLflowTrialLogger, trial_metrics
-from .naming import TrialDescriber
+from .naming import TrialDescriber, trial_run_name
 from .record import SweepLocation
 from .runner import build_tuner
 
 MEMBER_KIND = "final-member"          # the `kind` tag of a member's MLflow run
-MEMBER_KEY = "member"                 # trial config key: the member's name, <config label>-s<seed>
 CHECKPOINTS = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECTION_METRIC,
                                     checkpoint_score_order="max")
 
@@ -44,32 +44,25 @@ def member_context(specs: Sequence[MemberSpec], blinded: PreparedData, location:
                         failure_registry=registry_name(location.name))
 
 
-class _MemberField:
-    """Tune's sample_from for one field (arm or seed) of the member that a trial's MEMBER_KEY names."""
-
-    def __init__(self, values: dict[str, Any]):
-        self.values = values
-
-    def __call__(self, spec) -> Any:
-        return self.values[spec.config[MEMBER_KEY]]
-
-
 def tuner(args: argparse.Namespace, location: SweepLocation, specs: Sequence[MemberSpec], context: TrialContext, *,
           experiment_id: str, parent_run_id: str, resumed: bool) -> tune.Tuner:
-    # A grid over the members; each trial's arm and seed follow from its member (a grid over arms x seeds would
-    # pair every config with every seed). The default search keeps --max-concurrent working.
-    space = {MEMBER_KEY: tune.grid_search([spec.name for spec in specs]),
-             ARM_KEY: tune.sample_from(_MemberField({spec.name: spec.label for spec in specs})),
-             "seed": tune.sample_from(_MemberField({spec.name: spec.config.seed for spec in specs}))}
+    # Exactly the members (a grid over arms x seeds would pair every config with every seed): each point replaces
+    # one of num_samples draws of the space. Tune ignores max_concurrent_trials beside a search algorithm given
+    # as an instance, so the generator limits concurrency itself.
+    points = [{ARM_KEY: spec.label, "seed": spec.config.seed} for spec in specs]
+    space = {ARM_KEY: tune.choice(sorted({p[ARM_KEY] for p in points})),
+             "seed": tune.choice(sorted({p["seed"] for p in points}))}
+    search = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=args.max_concurrent)
     logger = MLflowTrialLogger(experiment_id=experiment_id, parent_run_id=parent_run_id,
                                describer=TrialDescriber.for_sweep(MEMBER_KIND, context))
-    return build_tuner(args, location, context, logger, resumed=resumed, param_space=space, tune_options={},
+    return build_tuner(args, location, context, logger, resumed=resumed, param_space=space,
+                       tune_options={"search_alg": search, "num_samples": len(points), "max_concurrent_trials": None},
                        progress_parameters=[ARM_KEY, "seed"], checkpoint_config=CHECKPOINTS)
 
 
 def member_of(result: tune.Result, specs: Sequence[MemberSpec]) -> TrainedMember:
     """A finished trial as the member it trained: its selected epoch's weights and validation predictions."""
-    spec = next(s for s in specs if s.name == (result.config or {}).get(MEMBER_KEY))
+    spec = next(s for s in specs if s.name == trial_run_name(result.config or {}, ""))
     # progress.csv may repeat an epoch a resumed trial ran again (deterministically): the last one counts.
     by_epoch = {int(row[STEP_KEY]): {**trial_metrics(row), STEP_KEY: int(row[STEP_KEY])}
                 for row in result.metrics_dataframe.to_dict("records")}

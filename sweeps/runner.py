@@ -263,7 +263,7 @@ def build_tuner(args: argparse.Namespace, location: SweepLocation, context: Tria
     no_retry = NoRetryForDeterministic(location.name, args.max_failures)
     return tune.Tuner(
         trainable, param_space=param_space,
-        tune_config=tune.TuneConfig(**tune_options, max_concurrent_trials=args.max_concurrent or None,
+        tune_config=tune.TuneConfig(**{"max_concurrent_trials": args.max_concurrent or None, **tune_options},
                                     reuse_actors=True, trial_name_creator=tune_trial_name,
                                     trial_dirname_creator=tune_trial_dirname),
         run_config=tune.RunConfig(
