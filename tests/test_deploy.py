@@ -122,7 +122,7 @@ def test_mlflow_compose_backs_the_server_with_postgres_and_an_artifact_store():
                         env["MLFLOW_BACKEND_STORE_URI"])
     assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://") and "minio" in services
     dockerfile = (DEPLOY / "mlflow" / "Dockerfile").read_text()
-    assert "psycopg2" in dockerfile and "serve.sh" in dockerfile
+    assert "psycopg[binary]" in dockerfile and "serve.sh" in dockerfile
     serve = DEPLOY / "mlflow" / "serve.sh"
     assert os.access(serve, os.X_OK) and "--backend-store-uri" in serve.read_text()
 

@@ -290,7 +290,9 @@ def test_a_final_training_killed_mid_epoch_resumes_to_the_same_report(final, dat
     cut = client.search_runs([client.get_experiment_by_name("final-training").experiment_id])
     assert any(r.info.status == "RUNNING" for r in cut) and not (out / "report.md").exists()
 
-    code, stdout, _ = run_cli("--resume", out.name, "--out", str(out))
+    # where it runs and logs is not recorded (it may change on resume): the same store and cache again
+    code, stdout, _ = run_cli("--resume", out.name, "--out", str(out), "--mlflow-uri", uri,
+                              "--cache-dir", str(final["cache"]))
     assert code == 0 and f"resuming final {out.name!r}" in stdout
     for name in REPORT_FILES:
         assert (out / name).read_bytes() == (final["out"] / name).read_bytes(), name

@@ -8,7 +8,7 @@
 #
 # Optional: MLFLOW_HOST (default 0.0.0.0), MLFLOW_PORT (5000), MLFLOW_WORKERS (4), MLFLOW_ALLOWED_HOSTS (host names
 # clients use to reach it, comma-separated; MLflow refuses other Host headers), MLFLOW (the mlflow executable).
-# The PostgreSQL driver is psycopg2 (a dependency of this project); s3:// needs boto3. Secrets come from the
+# The PostgreSQL driver is psycopg 3 (a dependency of this project); s3:// needs boto3. Secrets come from the
 # environment, never from this repository.
 set -euo pipefail
 : "${MLFLOW_BACKEND_STORE_URI:?set it to postgresql://USER:PASSWORD@HOST:PORT/DB}"
