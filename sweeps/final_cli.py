@@ -24,7 +24,7 @@ from .final import FinalModel, MemberSpec, TrainedMember, blind_test_labels, fin
 from .final_sources import Candidate, from_config_file, sweep_candidates, sweep_data_arguments
 from .final_tracking import FAILED, FINISHED, KILLED, FinalRun, global_tracking_uri
 from .naming import trial_run_name
-from .options import LATEST, RESUMABLE_OPTIONS, add_cluster_arguments, positive_int
+from .options import RESUMABLE_OPTIONS, add_cluster_arguments, add_storage_arguments, positive_int
 from .record import SweepLocation, SweepRecord, check_name, storage_root
 from .report import unfinished_trials
 from .runner import absolute_local_paths, cluster_session, exit_code, locate_resumed
@@ -71,16 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output folder (default: runs/final-<timestamp>); must be new or empty")
     final.add_argument("--overwrite", action="store_true",
                        help="replace what a non-empty --out (or its Tune folder in --storage) holds")
-    final.add_argument("--storage", default=None, metavar="PATH|URI",
-                       help="Tune storage of the members' checkpoints and state, in a folder named after --out "
-                            "(default: the folder holding --out); on a multi-node cluster a folder mounted on every "
-                            "node (NFS) or s3://bucket/prefix")
-    final.add_argument("--resume", nargs="?", const=LATEST, default=None, metavar="NAME",
-                       help="continue a killed final training: NAME (the --out folder's name), or without NAME the "
-                            "latest in the storage; finished members are kept, running ones continue from their last "
-                            "checkpoint. It keeps its recorded arguments; only "
-                            f"{', '.join('--' + o.replace('_', '-') for o in RESUMABLE_OPTIONS)} may change (give the "
-                            "same --out or --storage)")
+    add_storage_arguments(final, storage_default="the folder holding --out; the members' Tune folder is named "
+                                                  "after --out", what="final training (NAME: its --out folder's name)")
     report = parser.add_argument_group("evaluation")
     report.add_argument("--bootstrap", type=positive_int, default=1000,
                         help="bootstrap resamples of the test images for AUC CIs (default: %(default)s)")

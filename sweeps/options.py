@@ -49,15 +49,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                                     "(default: the kind plus a timestamp)")
     sweep.add_argument("--out", default="runs", help="output folder: sweeps, prepared splits and the embedded "
                                                      "MLflow store (default: %(default)s)")
-    sweep.add_argument("--storage", default=None, metavar="PATH|URI",
-                       help="Tune storage for checkpoints and experiment state (default: --out); on a multi-node "
-                            "cluster a folder mounted on every node (NFS) or s3://bucket/prefix")
-    sweep.add_argument("--resume", nargs="?", const=LATEST, default=None, metavar="NAME",
-                       help="continue an interrupted sweep: NAME, or without NAME the most recently created sweep "
-                            "of this kind in the storage. Finished trials are kept, running ones continue from "
-                            "their last checkpoint, errored ones are retried. The sweep keeps its recorded "
-                            f"arguments; only {', '.join('--' + o.replace('_', '-') for o in RESUMABLE_OPTIONS)} "
-                            "may change (give the same --out/--storage)")
+    add_storage_arguments(sweep, storage_default="--out", what="sweep of this kind")
     sweep.add_argument("--overwrite", action="store_true", help="replace an earlier sweep of the same --name")
     sweep.add_argument("--epochs", type=positive_int, default=TrialConfig().epochs,
                        help="epoch budget of every trial (default: %(default)s)")
@@ -75,6 +67,19 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                           help="tracking server, e.g. http://host:5000 (default: $MLFLOW_TRACKING_URI, else "
                                "OUT/mlflow.db, a SQLite file only this driver writes)")
     return parser
+
+
+def add_storage_arguments(group, *, storage_default: str, what: str) -> None:
+    """--storage and --resume: where a run of Tune trials keeps its state, and how an interrupted one continues."""
+    group.add_argument("--storage", default=None, metavar="PATH|URI",
+                       help=f"Tune storage for checkpoints and experiment state (default: {storage_default}); on a "
+                            "multi-node cluster a folder mounted on every node (NFS) or s3://bucket/prefix")
+    group.add_argument("--resume", nargs="?", const=LATEST, default=None, metavar="NAME",
+                       help=f"continue an interrupted {what}: NAME, or without NAME the most recently created one in "
+                            "the storage. Finished trials are kept, running ones continue from their last "
+                            "checkpoint, errored ones are retried. It keeps its recorded arguments; only "
+                            f"{', '.join('--' + o.replace('_', '-') for o in RESUMABLE_OPTIONS)} may change (give "
+                            "the same --out/--storage)")
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:

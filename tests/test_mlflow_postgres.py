@@ -112,8 +112,8 @@ def tracking_server(postgres, tmp_path_factory):
             time.sleep(1)
         yield {"uri": uri, "postgres": postgres, "artifacts": folder / "artifacts"}
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
+        if server.poll() is None:       # a throwaway server: no graceful shutdown to wait for
+            os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=60)
 
 

@@ -271,6 +271,22 @@ def test_members_train_at_once_as_tune_trials_logged_by_the_driver(final):
     assert len(glob.glob(str(final["out"] / "best-config-s*"))) == SEEDS and (final["out"] / "sweep.json").is_file()
 
 
+def _into_second_epoch(out: Path, uri: str) -> list[Path]:
+    """Trial folders of members in their second epoch: the driver logged their first (after Tune registered its
+    checkpoint), not their second, and Tune's experiment state was saved since."""
+    states = [os.path.getmtime(p) for p in glob.glob(str(out / "experiment_state-*.json"))]
+    if not states or not glob.glob(str(out / "best-config-s*")):    # Tune started: the store is set up
+        return []
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("final-training")
+    found = []
+    for run in client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'final-member'"):
+        logged = {m.step: m.timestamp / 1000 for m in client.get_metric_history(run.info.run_id, "val_auc_mean")}
+        if 1 in logged and 2 not in logged and max(states) > logged[1]:
+            found += [Path(p) for p in glob.glob(str(out / f"{run.info.run_name}_*"))]
+    return found
+
+
 def test_a_final_training_killed_mid_epoch_resumes_to_the_same_report(final, data_dir, tmp_path):
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
@@ -279,13 +295,16 @@ def test_a_final_training_killed_mid_epoch_resumes_to_the_same_report(final, dat
                                *final_args(final["config"], data_dir, out, uri, final["cache"])],
                               cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    # Kill driver, Ray and both trials at once, as a lost head node would, once a member is into its second epoch.
+    # Kill driver, Ray and both trials at once, as a lost head node would, once a member is into its second epoch:
+    # its first checkpoint written, and Tune's state (saved at every checkpoint) saved since.
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not glob.glob(str(out / "best-config-s*" / "checkpoint_000000")):
+    while not (checkpointed := _into_second_epoch(out, uri)):
         assert driver.poll() is None and time.monotonic() < deadline, "final training ended before it could be killed"
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=60)
+    checkpointed = [trial for trial in checkpointed if trial in _into_second_epoch(out, uri)]  # still unfinished
+    assert checkpointed
     client = MlflowClient(uri)
     cut = client.search_runs([client.get_experiment_by_name("final-training").experiment_id])
     assert any(r.info.status == "RUNNING" for r in cut) and not (out / "report.md").exists()
@@ -301,6 +320,11 @@ def test_a_final_training_killed_mid_epoch_resumes_to_the_same_report(final, dat
         assert sorted(resumed.keys()) == sorted(reference.keys())
         for key in reference.keys():
             np.testing.assert_array_equal(resumed[key], reference[key])
+    # the member killed in its second epoch continued from its first epoch's checkpoint, not from scratch
+    for trial in checkpointed:
+        restarts = [row for row in map(json.loads, (trial / "result.json").read_text().splitlines())
+                    if row["iterations_since_restore"] == 1]
+        assert [row["epoch"] for row in restarts] == [1, 2], trial.name
     runs = client.search_runs([client.get_experiment_by_name("final-training").experiment_id])
     parent = next(r for r in runs if PARENT_RUN_TAG not in r.data.tags)
     children = [r for r in runs if r.data.tags.get(PARENT_RUN_TAG) == parent.info.run_id]
