@@ -85,13 +85,16 @@ def select_epoch(history: Sequence[dict]) -> int:
 
 def read_checkpoint(spec: MemberSpec, metrics: dict, checkpoint: str | Path, history: list[dict]) -> TrainedMember:
     """The member as selected: the weights and validation predictions saved in the checkpoint of the epoch whose
-    `metrics` are given."""
-    state = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)["model"]
+    `metrics` are given (checked against the epoch the checkpoint says it ends)."""
+    state = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
+    if state["progress"]["next_epoch"] != int(metrics["epoch"]) + 1:
+        raise RuntimeError(f"{checkpoint}: a checkpoint of epoch {state['progress']['next_epoch'] - 1}, not of the "
+                           f"selected epoch {metrics['epoch']} of member {spec.name}")
     with np.load(Path(checkpoint) / PREDICTIONS_FILE, allow_pickle=False) as saved:
         images, probs = saved["images"].astype(str), saved["probs"]
     value = float(metrics[SELECTION_METRIC])
     return TrainedMember(spec=spec, selected_epoch=int(metrics["epoch"]),
-                         selected_value=value if math.isfinite(value) else -math.inf, state_dict=state,
+                         selected_value=value if math.isfinite(value) else -math.inf, state_dict=state["model"],
                          val_images=images, val_probs=probs, history=history)
 
 

@@ -68,11 +68,14 @@ def member_of(result: tune.Result, specs: Sequence[MemberSpec]) -> TrainedMember
                 for row in result.metrics_dataframe.to_dict("records")}
     history = [by_epoch[epoch] for epoch in sorted(by_epoch)]
     epoch = select_epoch(history)
-    kept = {int(metrics[STEP_KEY]): checkpoint for checkpoint, metrics in result.best_checkpoints}
-    if epoch not in kept:
-        raise RuntimeError(f"member {spec.name}: Tune kept checkpoints of epochs {sorted(kept)}, not of the selected "
+    # Tune numbers a trial's checkpoints from 0 and every epoch reports one (a restored trial continues the count);
+    # named by folder, not by the metrics Tune keeps with it (which TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE cuts)
+    kept = {Path(checkpoint.path).name: checkpoint for checkpoint, _ in result.best_checkpoints}
+    wanted = f"checkpoint_{epoch - 1:06d}"
+    if wanted not in kept:
+        raise RuntimeError(f"member {spec.name}: Tune kept {', '.join(sorted(kept))}, not {wanted} of the selected "
                            f"epoch {epoch}")
-    with kept[epoch].as_directory() as folder:
+    with kept[wanted].as_directory() as folder:
         return read_checkpoint(spec, by_epoch[epoch], Path(folder), history)
 
 
