@@ -16,8 +16,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -85,6 +86,39 @@ def command_line() -> str:
     except ValueError:
         script = Path("benchmarks") / script.name
     return " ".join([".venv/bin/python", str(script), *sys.argv[1:]])
+
+
+# --- a trial's parts -----------------------------------------------------------------------------------------
+
+@dataclass
+class TrialParts:
+    model: Any          # torch.nn.Module; `forward` is it, or its compiled wrapper
+    forward: Any
+    augment: Any        # trainable.data.augment.BatchAugment
+    criterion: Any
+    optimizer: Any
+
+
+def trial_parts(cfg: Any, device: Any, labels: np.ndarray, cache_dir: Path) -> TrialParts:
+    """Model (on `device`, channels_last on CUDA when asked), augmentation, loss and optimizer as
+    trainable.train.train builds them for a training split with these labels; compiled when cfg.compile."""
+    import torch
+
+    from trainable.backends import compile_model
+    from trainable.data.augment import BatchAugment
+    from trainable.losses import LabelStats, create_loss
+    from trainable.models import create_model, input_stats
+    from trainable.optim import create_optimizer
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    mean, std = input_stats(model)
+    augment = BatchAugment(cfg, mean=mean, std=std).to(device)
+    criterion = create_loss(cfg, LabelStats.from_labels(labels)).to(device)
+    forward = compile_model(model, cache_dir) if cfg.compile else model
+    return TrialParts(model, forward, augment, criterion, create_optimizer(cfg, model, criterion))
 
 
 # --- work folders -------------------------------------------------------------------------------------------

@@ -31,9 +31,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from _common import (command_line, load_average, machine_info, median, print_header,  # noqa: E402
-                     usable_cores, work_folder)
+                     trial_parts, usable_cores, work_folder)
 
 
 def _parser(cuda: bool) -> argparse.ArgumentParser:
@@ -83,12 +83,8 @@ def _sync(device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> int:
     from trainable import train as train_module
     from trainable.config import TrialConfig
-    from trainable.data.augment import BatchAugment
     from trainable.data.cache import open_cache
     from trainable.data.loader import BatchLoader
-    from trainable.losses import LabelStats, create_loss
-    from trainable.models import create_model, input_stats
-    from trainable.optim import create_optimizer
     from trainable.runtime import autocast
 
     args = _parser(torch.cuda.is_available()).parse_args(argv)
@@ -113,16 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         labels = (rng.random((count, 14)) < 0.15).astype(np.float32)
         demographics = np.zeros((count, 0), np.float32)
 
-        # The same setup as trainable.train.train.
-        torch.manual_seed(0)
-        model = create_model(cfg).to(device)
-        if cfg.channels_last and device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        mean, std = input_stats(model)
-        augment = BatchAugment(cfg, mean=mean, std=std).to(device)
-        criterion = create_loss(cfg, LabelStats.from_labels(labels)).to(device)
-        optimizer = create_optimizer(cfg, model)
-        forward = torch.compile(model) if cfg.compile else model
+        parts = trial_parts(cfg, device, labels, work / "cache")      # the same setup as trainable.train.train
+        model, forward, augment, criterion, optimizer = (parts.model, parts.forward, parts.augment, parts.criterion,
+                                                         parts.optimizer)
         pin = device.type == "cuda"
 
         def loader(rows: slice) -> BatchLoader:

@@ -1,12 +1,18 @@
-"""Ablation report: which modification helps which finding, with intervals -- read back from a sweep in MLflow.
+"""Ablation report: which modification helps which finding, with controlled error rates -- read back from a sweep in
+MLflow, or from prediction files made anywhere.
 
     python dashboards/ablation_report.py --sweep NAME_OR_PARENT_RUN_ID [--mlflow-uri URI] [--out DIR]
+    python dashboards/ablation_report.py --predictions DIR [--baseline NAME] [--out DIR]
 
-An ablation sweep gets Δ mean AUC, Δ per-finding AUC and F1 of every arm vs the baseline with 95% intervals
-(paired bootstrap over patients, combined over seeds with the seed-to-seed variance folded in; see
-dashboards/effects.py) and a verdict per arm and finding. A search sweep gets factor importance and direction
-from its full-budget trials, and the command that re-runs its top configurations properly.
-Files go to --out (default reports/<sweep>) and are logged on the sweep's parent run under `<kind>_report/`.
+An ablation sweep gets Δ mean AUC (the primary family: Holm), Δ per-finding AUC and F1 (the secondary family:
+Benjamini–Hochberg) of every arm vs the baseline, each with its interval, raw and adjusted p-values, one of five
+verdicts (helps / hurts / equivalent within ±--margin / inconclusive / not estimable) and the smallest effect
+it could have detected (see dashboards/effects.py). A sweep run with --until-decided is analysed with its
+sequential rule. A search sweep gets factor importance and direction from its full-budget trials, and the
+command that re-runs its top configurations properly.
+--predictions reads DIR/<arm>/seed<k>.csv (columns image, patient, label_<F>, prob_<F> for the 14 findings;
+see dashboards/predictions.py) and needs no MLflow. Files go to --out (default reports/<sweep or DIR name>); a
+sweep's are also logged on its parent run under `<kind>_report/`.
 """
 from __future__ import annotations
 
@@ -21,8 +27,6 @@ if __name__ == "__main__":
     HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
     sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != HERE)]
 
-import pandas as pd  # noqa: E402
-
 from search_spaces import BASELINE_ARM  # noqa: E402
 from trainable.data.nih import write_atomically  # noqa: E402
 from trainable.errors import UserError  # noqa: E402
@@ -30,30 +34,30 @@ from trainable.errors import UserError  # noqa: E402
 from dashboards import effects as fx  # noqa: E402
 from dashboards import importance as imp  # noqa: E402
 from dashboards import plots  # noqa: E402
+from dashboards.effect_report import ReportContext, write_effect_report  # noqa: E402
 from dashboards.html_report import HtmlReport  # noqa: E402
+from dashboards.predictions import read_predictions  # noqa: E402
 from dashboards.sweep_reader import (Sweep, ablation_trials, connect, default_tracking_uri,  # noqa: E402
-                                     load_arm_predictions, open_sweep)
-
-EFFECTS_CSV, REPORT_HTML = "effects.csv", "ablation_report.html"
-METHOD = ("Δ = arm's mean over seeds − baseline's mean over seeds, on the shared validation split. Interval: "
-          "paired bootstrap over patients (the same resample for every trial of every arm; each trial's metric "
-          "recomputed in each resample and averaged over its arm's seeds), widened by the seed-to-seed variance "
-          "of both arms (each arm's own or the variance pooled over arms, whichever is larger) with a t quantile "
-          "at the pooled seed degrees of freedom. Verdict: helps / hurts when the interval excludes 0, else no "
-          "detectable effect. F1 uses each trial's own validation-chosen thresholds: optimistic for both arms "
-          "alike. Details and measured error rates: dashboards/effects.py.")
+                                     load_arm_predictions, open_sweep, sweep_rounds)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep", required=True, help="the sweep: its parent run id or its MLflow experiment name")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--sweep", help="the sweep: its parent run id or its MLflow experiment name")
+    source.add_argument("--predictions", metavar="DIR",
+                        help="prediction files DIR/<arm>/seed<k>.csv instead of a sweep (no MLflow)")
     parser.add_argument("--mlflow-uri", default=None,
                         help="tracking store (default: MLFLOW_TRACKING_URI, else runs/mlflow.db as the sweeps write)")
-    parser.add_argument("--out", default=None, help="output folder (default: reports/<sweep>)")
+    parser.add_argument("--out", default=None, help="output folder (default: reports/<sweep or DIR name>)")
     parser.add_argument("--baseline", default=BASELINE_ARM,
                         help="arm the others are compared with (default: %(default)s)")
+    parser.add_argument("--margin", type=float, default=None,
+                        help=f"equivalence margin on Δ (default: the sweep's --margin, else {fx.DEFAULT_MARGIN})")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default: %(default)s)")
-    parser.add_argument("--confidence", type=float, default=0.95, help="interval level (default: %(default)s)")
+    parser.add_argument("--confidence", type=float, default=1 - fx.DEFAULT_ALPHA,
+                        help="interval level; α = 1 − confidence is every family's error rate "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: %(default)s)")
     parser.add_argument("--no-log", action="store_true", help="write the files only; log nothing to MLflow")
     return parser.parse_args(argv)
@@ -62,10 +66,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return run(args)
+        if not 0 < args.confidence < 1:
+            raise UserError(f"--confidence {args.confidence}: expected a number in (0, 1)")
+        if args.margin is not None and not args.margin > 0:
+            raise UserError(f"--margin {args.margin}: expected a number > 0")
+        return run_predictions(args) if args.predictions else run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def run_predictions(args: argparse.Namespace) -> int:
+    found = read_predictions(args.predictions)
+    out = Path(args.out) if args.out else Path("reports") / Path(args.predictions).resolve().name
+    if args.baseline not in found.arms:
+        raise UserError(f"--predictions {args.predictions}: no folder for the baseline arm {args.baseline!r} "
+                        f"(arms: {', '.join(found.arms)}); pass --baseline")
+    out.mkdir(parents=True, exist_ok=True)
+    analysis, ctx = analyse(found.arms, args, title=f"predictions in {args.predictions}", groups=found.patients,
+                            thresholds="; ".join(f"{arm}: {source}" for arm, source in found.threshold_sources.items()))
+    files, summary = write_effect_report(analysis, ctx, out)
+    print(summary)
+    print(f"\nfiles in {out}: {', '.join(f.name for f in files)}")
+    return 0
+
+
+def analyse(predictions, args: argparse.Namespace, *, title: str, groups=None, thresholds: str,
+            rounds: fx.SeedRounds | None = None, margin: float | None = None,
+            **context) -> tuple[fx.Analysis, ReportContext]:
+    """The effect analysis as the command line asks for it; `margin` is the sweep's, used unless --margin."""
+    margin = args.margin if args.margin is not None else margin if margin is not None else fx.DEFAULT_MARGIN
+    alpha = 1 - args.confidence
+    resampled = fx.resample(predictions, args.baseline, n_boot=args.n_boot, seed=args.seed, groups=groups)
+    analysis = fx.analyse(resampled, args.baseline, margin=margin, alpha=alpha, rounds=rounds, seed=args.seed)
+    ctx = ReportContext(title=title, baseline=args.baseline, margin=margin, alpha=alpha, n_boot=args.n_boot,
+                        rounds=rounds, thresholds=thresholds, **context)
+    return analysis, ctx
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,93 +134,15 @@ def ablation_report(client, sweep: Sweep, out: Path, args: argparse.Namespace) -
     if args.baseline not in trials:
         raise UserError(f"sweep {sweep.name}: no finished trial of the baseline arm {args.baseline!r} "
                         f"(arms with finished trials: {', '.join(trials) or 'none'})")
-    predictions = load_arm_predictions(client, trials)
-    table = fx.estimate_effects(predictions, args.baseline, n_boot=args.n_boot, confidence=args.confidence,
-                                seed=args.seed)
-    factors = {arm: runs[0].tags.get("factor", arm) for arm, runs in trials.items()}
-    table.insert(1, "factor", table["arm"].map(factors))
-    files = [out / EFFECTS_CSV]
-    write_atomically(files[0], lambda tmp: table.to_csv(tmp, index=False))
-
-    figures = {"forest_mean_auc.png": plots.forest_plot(table, "auc", confidence=args.confidence),
-               "heatmap_auc.png": plots.effect_heatmap(table, "auc"),
-               "heatmap_f1.png": plots.effect_heatmap(table, "f1")}
-    pngs = {name: plots.png_bytes(fig) for name, fig in figures.items()}
-    for name, png in pngs.items():
-        write_atomically(out / name, lambda tmp: tmp.write_bytes(png))
-        files.append(out / name)
-    files.append(_ablation_html(sweep, table, pngs, args).write(out / REPORT_HTML))
-    return files, _ablation_summary(sweep, table, args)
-
-
-def _headline(table: pd.DataFrame) -> pd.DataFrame:
-    rows = table[(table["finding"] == fx.MEAN)]
-    return rows[["arm", "factor", "metric", "arm_value", "delta", "ci_low", "ci_high", "seed_sd", "baseline_seed_sd",
-                 "n_seeds", "n_baseline_seeds", "verdict", "provisional"]]
-
-
-def _calls(table: pd.DataFrame) -> pd.DataFrame:
-    flagged = table[(table["finding"] != fx.MEAN) & table["verdict"].isin([fx.HELPS, fx.HURTS])]
-    return flagged[["arm", "finding", "metric", "delta", "ci_low", "ci_high", "verdict", "provisional"]]
-
-
-def _limits(table: pd.DataFrame, confidence: float) -> list[str]:
-    first = table.iloc[0]
-    seeds = table.drop_duplicates("arm")[["arm", "n_seeds"]]
-    lines = [f"{int(first['n_images'])} validation images from {int(first['n_patients'])} patients; seeds per "
-             f"arm: " + ", ".join(f"{r.arm} {r.n_seeds}" for r in seeds.itertuples())
-             + f", baseline {int(first['n_baseline_seeds'])}; pooled seed degrees of freedom: {first['df']:g}.",
-             f"{len(table)} comparisons at {confidence:.0%}: if no arm changed anything, up to about "
-             f"{fx.expected_false_calls(table, confidence):.0f} of them would still be flagged by chance. Treat an "
-             f"isolated per-finding call with care; the mean AUC is the primary comparison."]
-    if table["provisional"].any():
-        lines.append("Provisional rows: an arm or the baseline has one seed, so its seed-to-seed variance cannot "
-                     "be estimated (borrowed from other arms where they have several seeds, otherwise left out, "
-                     "which makes the interval too narrow). Run more seeds before acting on them.")
-    return lines
-
-
-def _ablation_html(sweep: Sweep, table: pd.DataFrame, pngs: dict[str, bytes], args) -> HtmlReport:
-    report = HtmlReport(f"Ablation report — {sweep.name}")
-    data = sweep.parent_tags.get("data", "?")
-    report.paragraph(f"Sweep {sweep.name} (parent run {sweep.parent_run_id}); data: {data}, fingerprint "
-                     f"{sweep.parent_tags.get('data_fingerprint', '?')}; baseline arm: {args.baseline}; "
-                     f"{args.n_boot} bootstrap replicates.")
-    if data == "SYNTHETIC":
-        report.paragraph("Generated data, not NIH ChestX-ray14: these numbers demonstrate the pipeline only.",
-                         warning=True)
-    report.heading("How to read it").paragraph(METHOD).items(_limits(table, args.confidence))
-    report.heading("Δ mean AUC per arm").figure(pngs["forest_mean_auc.png"], "forest plot of Δ mean AUC")
-    report.table(_headline(table), verdict_column="verdict")
-    report.heading("Δ per finding").figure(pngs["heatmap_auc.png"], "heatmap of Δ AUC per arm and finding")
-    report.figure(pngs["heatmap_f1.png"], "heatmap of Δ F1 per arm and finding")
-    calls = _calls(table)
-    if len(calls):
-        report.paragraph("Per-finding intervals that exclude 0:").table(calls, verdict_column="verdict")
-    else:
-        report.paragraph("No per-finding interval excludes 0.")
-    report.heading("All comparisons").table(table, verdict_column="verdict", collapsed=f"{len(table)} rows "
-                                            f"(also in {EFFECTS_CSV})")
-    if sweep.notes:
-        report.heading("Trials left out").items(sweep.notes)
-    return report
-
-
-def _ablation_summary(sweep: Sweep, table: pd.DataFrame, args) -> str:
-    head = _headline(table)
-    lines = [f"ablation report — {sweep.name} (baseline {args.baseline}); Δ vs baseline, "
-             f"{args.confidence:.0%} interval", ""]
-    for row in head.itertuples():
-        mark = " (provisional)" if row.provisional else ""
-        lines.append(f"  {row.arm:<24} mean {row.metric.upper():<3} Δ {row.delta:+.4f} "
-                     f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}]  seeds {row.n_seeds}/{row.n_baseline_seeds}  "
-                     f"{row.verdict}{mark}")
-    calls = _calls(table)
-    lines += ["", f"per-finding calls ({len(calls)} of {int((table['finding'] != fx.MEAN).sum())}):"]
-    lines += [f"  {r.arm} {r.finding} {r.metric.upper()}: Δ {r.delta:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}] "
-              f"{r.verdict}" for r in calls.itertuples()] or ["  none"]
-    lines += ["", *_limits(table, args.confidence)]
-    return "\n".join(lines)
+    rounds, margin = sweep_rounds(sweep)
+    analysis, ctx = analyse(
+        load_arm_predictions(client, trials), args, rounds=rounds, margin=margin,
+        title=f"sweep {sweep.name} (parent run {sweep.parent_run_id}; data {sweep.parent_tags.get('data', '?')}, "
+              f"fingerprint {sweep.parent_tags.get('data_fingerprint', '?')})",
+        thresholds="each trial's own, chosen on the validation labels it was trained against (thresholds.json)",
+        factors={arm: runs[0].tags.get("factor", arm) for arm, runs in trials.items()},
+        synthetic=sweep.parent_tags.get("data") == "SYNTHETIC", notes=tuple(sweep.notes))
+    return write_effect_report(analysis, ctx, out)
 
 
 # --- search sweeps ------------------------------------------------------------------------------------------

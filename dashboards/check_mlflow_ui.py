@@ -41,6 +41,8 @@ if __name__ == "__main__":
 from trainable.errors import UserError  # noqa: E402
 from trainable.findings import FINDINGS  # noqa: E402
 
+from dashboards.commands import mlflow_ui_words  # noqa: E402
+
 BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  # MLflow draws a chart only once it is on screen: produce real frames before the DOM is dumped
@@ -75,9 +77,7 @@ def free_port() -> int:
 
 def ui_command(backend_store_uri: str, port: int) -> list[str]:
     """The README's `mlflow ui` command, with this interpreter's mlflow."""
-    mlflow = Path(sys.executable).with_name("mlflow")
-    program = [str(mlflow)] if mlflow.is_file() else [sys.executable, "-m", "mlflow"]
-    return [*program, "ui", "--backend-store-uri", backend_store_uri, "--host", "127.0.0.1", "--port", str(port)]
+    return mlflow_ui_words(backend_store_uri, port)
 
 
 class MlflowUi:

@@ -1,68 +1,48 @@
-"""Δ of each ablation arm against the baseline, per finding and for the mean, with intervals and verdicts.
+"""Δ of each ablation arm against the baseline, per finding and for the mean, with intervals, controlled verdicts
+and what the sweep could detect.
 
 Input: for every arm, one `TrialPredictions` per seed (validation labels, probabilities, the trial's own F1
 thresholds, image names). Output: a tidy table, one row per (arm, finding incl. "mean", metric in auc/f1):
-Δ = mean over the arm's seeds − mean over the baseline's seeds, its interval and a verdict
-(helps / hurts / no detectable effect).
+Δ = mean over the arm's seeds − mean over the baseline's seeds, its interval, raw and adjusted p-values, a
+verdict, and the smallest effect the row could have detected.
 
-Statistical design
-------------------
-Two sources of noise make Δ uncertain, and the interval must carry both.
+Statistical design (each claim measured on dashboards/simulate.py's generator, whose truth is known, by
+benchmarks/effect_calibration.py; figures in BENCHMARKS.md)
+------------------------------------------------------------------------------------------------------------
+1. Images: a **paired cluster bootstrap**. Each replicate draws patients with replacement (NIH image names encode
+   the patient; a patient's follow-up images move together) and *the same draw is applied to every trial of
+   every arm*, so noise common to all arms (hard images) cancels in Δ. Every trial's AUC and F1 are recomputed
+   exactly in every replicate (AUC from weighted rank sums: the resample is a vector of counts per image, and a
+   sparse matrix per trial and finding sums them into the bins between positive scores; 1000 replicates × 14
+   findings × 6 trials × 10k images take about 2 s on 2 busy cores).
+2. Seeds: training randomness moves a whole model, which the image bootstrap cannot see. dashboards/variance.py
+   splits each arm's per-seed spread into its seed part and the image noise it already holds (method of
+   moments on the same replicates), pools the seed part over arms, and gives an arm whose spread is credibly
+   larger than the others' its own variance and degrees of freedom.
+3. Intervals and p-values: Δ ± t_ν · √Var(Δ), and p-values from the same t reference.
+4. Families (statsmodels.stats.multitest.multipletests): **primary** = Δ mean AUC of each arm vs the baseline,
+   family-wise error ≤ α by Holm; **secondary** = every other row (per-finding AUC and F1, mean F1), false
+   discovery rate ≤ α by Benjamini–Hochberg. Equivalence (TOST at ±margin: both one-sided tests reject, i.e.
+   the (1 − 2α) interval lies inside ±margin) is adjusted the same way within each family, as its own family.
+5. Verdicts: `helps` / `hurts` (adjusted p ≤ α; the sign of Δ), else `equivalent` (adjusted TOST p ≤ α), else
+   `inconclusive`; `not estimable` where no seed variance is available (or a finding has no positives).
+6. Sequential sweeps (`--until-decided`): the p-values of each row over its looks become repeated p-values of
+   an O'Brien–Fleming alpha-spending design (dashboards/sequential.py) before the same adjustment, so repeated
+   looks keep the error rates.
+7. Power: `mde` is the smallest |Δ| the row would detect with 80% power at the level its family would use for
+   it (primary: α/m, Holm's first step; secondary: the Benjamini–Hochberg level at the observed number of
+   discoveries), from the observed variances; `seeds_to_decide` how many seeds per arm (arm and baseline alike)
+   would make that smallest detectable Δ no larger than the margin, so that an inconclusive row would be
+   decided one way or the other (dashboards/power.py).
 
-1. Images. The validation set is a sample. **Paired cluster bootstrap**: each replicate draws patients with
-   replacement (NIH image names encode the patient; a patient's follow-up images move together, since they are
-   not independent) and *the same draw is applied to every trial of every arm* -- all arms share one validation
-   split, so noise common to both arms (hard images) cancels in Δ. Inside each replicate every trial's AUC and
-   F1 are recomputed and averaged over the arm's seeds, giving Δ*_b; V_img = var(Δ*). AUC per replicate is
-   computed exactly (ties count one half, as in sklearn) from weighted rank sums: the resample is a vector of
-   counts per image, and a sparse matrix per trial and finding sums those counts into the bins between
-   positive scores: 1000 replicates × 14 findings × 6 trials × 10k images take about 2 s on 2 busy cores.
-2. Seeds. Training randomness moves a whole model (a lucky seed is better on most images), and the image
-   bootstrap holds trained models fixed: it cannot see this. Two identical configurations trained with
-   different seeds then differ by more than V_img explains, and an image-only interval calls them different
-   far too often (measured below). The between-seed part is V_seed = σ²_arm/k_arm + σ²_base/k_base, from the
-   per-seed metrics on the full validation set, where each arm's σ² is the larger of its own seed variance and
-   the within-arm seed variance pooled over all arms of the sweep (df = Σ (k − 1)).
-
-**Interval**: the paired percentile interval [q_lo, q_hi] of Δ*, widened about Δ by
-f = t_df · sqrt(V_img + V_seed) / (z · sqrt(V_img)), with df the pooled seed degrees of freedom. With one seed
-per arm there is no seed term, f = 1 and the interval is exactly the paired percentile bootstrap. The pooled
-variance gives a t quantile with usable degrees of freedom (20 arms × 2 seeds: df = 20, t = 2.09, instead of
-Welch's df ≈ 1–2 per comparison); taking the larger of own and pooled keeps an arm that is less stable than the
-rest (e.g. a high learning rate) from being judged by the others' stability. Counting the seed term's degrees of
-freedom for the whole sum (rather than a Welch–Satterthwaite mix with the image term) is deliberately
-conservative: Satterthwaite is liberal at such small df.
-
-Measured false-call rates on the null simulation of dashboards/simulate.py (two identical arms, seed-level noise
-about twice the image noise of the mean AUC, 2000 images, nominal 5%, all findings and both metrics; mean AUC
-alone in brackets):
-  2 seeds per arm (150–200 pairs): image-only bootstrap 34% (69%); hierarchical bootstrap (seeds with
-  replacement, then images) 10% (30%); Welch–Satterthwaite 5.5% (7.3%); pooled-variance Satterthwaite 6.6%
-  (8.7%); this interval 0.5% (2.0%).
-  3 seeds per arm: this interval 1.6% (4.7%) over 150 pairs; Welch–Satterthwaite 4.7% (8%) over 100.
-  6 arms × 2 seeds, 5 twins vs one baseline (150 sweeps, 750 comparisons): this interval 1.7% (4.3%).
-  Without seed-level noise (image noise only), 2 seeds: this interval 0% -- see the next paragraph.
-With 2 seeds the hierarchical bootstrap fails because resampling two seeds gives a three-point distribution
-with half the unbiased variance and no allowance for a variance estimated from one degree of freedom.
-
-**Conservative by design.** A per-seed metric on a finite validation set also holds image noise specific to
-that model, which both V_img and V_seed count; when there are no seed-level effects at all the interval is at
-most √2 too wide (× t_df / z), and the false-call rate falls below nominal. That is the price of never exceeding
-the nominal rate with 2–3 seeds; more arms (a larger pooled df) and more seeds buy the power back.
-
-Limits, stated in the report:
-- One seed in an arm: its seed variance cannot be estimated. If other arms have several seeds, their pooled
-  within-arm variance stands in (assuming arms vary alike); otherwise the interval holds image noise only and
-  is too narrow. Either way the row is marked provisional.
-- Pooling assumes arms differ in seed variance by no more than "own vs pooled, whichever is larger" allows: an
-  unstable arm with 2 seeds can still, by chance, look stable.
-- Each interval has a per-comparison error rate: over many arms × findings × metrics about 5% of truly null
-  comparisons are flagged (fewer, given the conservatism); the report states how many to expect.
-- F1 uses each trial's own thresholds, chosen on these same validation labels: optimistic for both arms alike,
-  so Δ F1 compares fairly but F1 levels are not test estimates. Thresholds are not re-chosen inside replicates.
+Limits, stated in the report: F1 uses each trial's own thresholds, chosen on these same validation labels
+(optimistic for both arms alike, so Δ F1 compares fairly, but F1 levels are not test estimates; thresholds are
+not re-chosen inside replicates). A one-seed arm borrows the pooled seed variance (assuming it varies like the
+others) and says so.
 """
 from __future__ import annotations
 
+import gc
 import re
 import warnings
 from dataclasses import dataclass
@@ -72,18 +52,28 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 from trainable.errors import DataError
 from trainable.findings import FINDINGS
 
+from .power import minimum_detectable, seeds_needed
+from .sequential import final_look_level, repeated_p_value
+from .variance import BORROWED, SeedModel, delta_variance, seed_model
+
 METRICS = ("auc", "f1")
 MEAN = "mean"
-HELPS, HURTS, NO_EFFECT, NOT_ESTIMABLE = "helps", "hurts", "no detectable effect", "not estimable"
-VERDICTS = (HELPS, HURTS, NO_EFFECT, NOT_ESTIMABLE)
+HELPS, HURTS, EQUIVALENT, INCONCLUSIVE, NOT_ESTIMABLE = "helps", "hurts", "equivalent", "inconclusive", "not estimable"
+VERDICTS = (HELPS, HURTS, EQUIVALENT, INCONCLUSIVE, NOT_ESTIMABLE)
+DECIDED = (HELPS, HURTS, EQUIVALENT)
+PRIMARY, SECONDARY = "primary", "secondary"
+DEFAULT_MARGIN = 0.005         # mean AUC: below what the claims in the literature (0.005-0.02) are about
+DEFAULT_ALPHA = 0.05
 NIH_IMAGE_NAME = re.compile(r"^(\d+)_\d+\.png$")
-COLUMNS = ("arm", "finding", "metric", "arm_value", "baseline_value", "delta", "ci_low", "ci_high", "seed_sd",
-           "baseline_seed_sd", "n_seeds", "n_baseline_seeds", "n_images", "n_patients", "n_positive", "df",
-           "verdict", "provisional")
+COLUMNS = ("arm", "finding", "metric", "family", "arm_value", "baseline_value", "delta", "ci_low", "ci_high", "se",
+           "image_sd", "df", "p_value", "p_adjusted", "p_equivalence", "p_equivalence_adjusted", "verdict", "mde",
+           "seeds_to_decide", "seed_sd", "baseline_seed_sd", "n_seeds", "n_baseline_seeds", "variance", "provisional",
+           "unstable_p", "looks", "n_images", "n_patients", "n_positive")
 
 
 @dataclass(frozen=True)
@@ -258,7 +248,8 @@ def resampled_metrics(trials: Sequence[TrialPredictions], counts: np.ndarray,
     return {"auc": auc, "f1": f1}
 
 
-# --- intervals and verdicts ---------------------------------------------------------------------------------
+
+# --- one resample of the whole sweep ------------------------------------------------------------------------
 
 def _with_mean(values: np.ndarray) -> np.ndarray:
     """Prepend the NaN-mean over findings (last axis) as column 0, as epoch_metrics computes its means."""
@@ -268,54 +259,45 @@ def _with_mean(values: np.ndarray) -> np.ndarray:
     return np.concatenate([mean, values], axis=-1)
 
 
-def _seed_variance(per_seed: np.ndarray) -> np.ndarray:
-    """Sample variance over seeds (axis 0); NaN with one seed."""
-    if len(per_seed) < 2:
-        return np.full(per_seed.shape[1:], np.nan)
-    return np.var(per_seed, axis=0, ddof=1)
+@dataclass(frozen=True)
+class Resampled:
+    """Every trial's metrics on the full validation set and in every shared replicate, by arm in seed order.
+
+    point[metric][arm]: (k, F); replicates[metric][arm]: (k, B, F); column 0 is the mean over findings.
+    """
+    point: Mapping[str, Mapping[str, np.ndarray]]
+    replicates: Mapping[str, Mapping[str, np.ndarray]]
+    findings: tuple[str, ...]
+    n_images: int
+    n_patients: int
+    n_positive: np.ndarray          # (F,) images with a positive label (column 0: with any)
+
+    @property
+    def seeds(self) -> dict[str, int]:
+        return {arm: len(values) for arm, values in self.point[METRICS[0]].items()}
+
+    def first_seeds(self, seeds: Mapping[str, int]) -> "Resampled":
+        """The sweep as it stood when each arm had only its first `seeds[arm]` seeds."""
+        def cut(by_arm: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {arm: values[:seeds.get(arm, len(values))] for arm, values in by_arm.items()}
+        return Resampled({m: cut(v) for m, v in self.point.items()}, {m: cut(v) for m, v in self.replicates.items()},
+                         self.findings, self.n_images, self.n_patients, self.n_positive)
 
 
-def combined_interval(delta: np.ndarray, boot_deltas: np.ndarray, seed_variance: np.ndarray, seed_df: float,
-                      confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """(low, high) per column: the paired percentile interval of boot_deltas (B, F) around delta (F,), widened
-    by the between-seed variance of Δ (F,) whose estimate has seed_df degrees of freedom (inf: none to add)."""
-    tail = (1 - confidence) / 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        q_low, q_high = np.nanpercentile(boot_deltas, [100 * tail, 100 * (1 - tail)], axis=0)
-        v_img = np.nanvar(boot_deltas, axis=0, ddof=1)
-    v_total = v_img + seed_variance
-    quantile = stats.t.ppf(1 - tail, seed_df) if np.isfinite(seed_df) else stats.norm.ppf(1 - tail)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        widen = quantile * np.sqrt(v_total) / (stats.norm.ppf(1 - tail) * np.sqrt(v_img))
-        # clipped so the interval always holds Δ, even where a skewed bootstrap puts Δ outside its percentiles
-        low = np.where(v_img > 0, delta - widen * np.maximum(delta - q_low, 0), delta - quantile * np.sqrt(v_total))
-        high = np.where(v_img > 0, delta + widen * np.maximum(q_high - delta, 0), delta + quantile * np.sqrt(v_total))
-    return low, high
+def resample(arms: Mapping[str, Sequence[TrialPredictions]], baseline: str, *, findings: Sequence[str] = FINDINGS,
+             n_boot: int = 1000, seed: int = 0, groups: np.ndarray | None = None) -> Resampled:
+    """Check and align the trials, draw the shared patient bootstrap and compute every trial's metrics in it.
 
-
-def verdict(low: float, high: float) -> str:
-    if not (np.isfinite(low) and np.isfinite(high)):
-        return NOT_ESTIMABLE
-    return HELPS if low > 0 else HURTS if high < 0 else NO_EFFECT
-
-
-# --- the analysis -------------------------------------------------------------------------------------------
-
-def estimate_effects(arms: Mapping[str, Sequence[TrialPredictions]], baseline: str = "baseline", *,
-                     findings: Sequence[str] = FINDINGS, n_boot: int = 1000, confidence: float = 0.95,
-                     seed: int = 0, groups: np.ndarray | None = None) -> pd.DataFrame:
-    """Δ AUC and Δ F1 of every arm against `baseline`, per finding and for the mean over findings.
-
-    `groups` (one id per image, e.g. patient) sets the bootstrap's resampling unit; by default the patient
-    parsed from NIH image names, else the image.
+    `groups` (one id per image, e.g. patient) sets the resampling unit; by default the patient parsed from NIH
+    image names, else the image. The draw depends only on the validation split, n_boot and seed: a sweep
+    analysed again with more trials sees the same replicates.
     """
     if baseline not in arms:
         raise DataError(f"baseline arm {baseline!r} is not among the arms ({', '.join(arms) or 'none'})")
     if len(arms) < 2:
         raise DataError(f"only the baseline arm {baseline!r}: nothing to compare it with")
-    if not 0 < confidence < 1 or n_boot < 10:
-        raise DataError(f"confidence={confidence} must lie in (0, 1) and n_boot={n_boot} be >= 10")
+    if n_boot < 10:
+        raise DataError(f"n_boot={n_boot} must be >= 10")
     if not arms[baseline]:
         raise DataError(f"arm {baseline!r} has no trials")
     reference = arms[baseline][0]
@@ -327,52 +309,269 @@ def estimate_effects(arms: Mapping[str, Sequence[TrialPredictions]], baseline: s
         groups = patient_groups(reference.images, len(labels))
     elif len(groups) != len(labels):
         raise DataError(f"{len(groups)} group ids for {len(labels)} validation images")
-
     # column 0 draws every image once: the point estimates, through the same code as the replicates (and equal
     # to trainable.metrics.per_class_auc / per_class_f1, which sklearn's per-call checks make slow here)
     counts = np.column_stack([np.ones(len(labels), np.uint16), bootstrap_counts(groups, n_boot, seed)])
-    computed = resampled_metrics(trials, counts)
-    point = {metric: values[:, 0] for metric, values in computed.items()}          # (T, K)
-    resampled = {metric: values[:, 1:] for metric, values in computed.items()}     # (T, B, K)
-    names = (MEAN, *findings)
+    computed = {metric: _with_mean(values) for metric, values in resampled_metrics(trials, counts).items()}
+    point = {metric: {arm: values[arm_of == arm, 0] for arm in arms} for metric, values in computed.items()}
+    replicates = {metric: {arm: values[arm_of == arm, 1:] for arm in arms} for metric, values in computed.items()}
     n_positive = np.concatenate([[labels.any(axis=1).sum()], labels.sum(axis=0)])
-    n_groups = len(np.unique(groups))
+    return Resampled(point, replicates, tuple(findings), len(labels), len(np.unique(groups)), n_positive)
 
-    rows = []
+
+# --- one look: Δ, its variance and the raw tests ------------------------------------------------------------
+
+LOOK_COLUMNS = ("arm", "finding", "metric", "arm_value", "baseline_value", "delta", "se", "image_sd", "df",
+                "p_up", "p_down", "p_equivalence", "seed_sd", "baseline_seed_sd", "n_seeds", "n_baseline_seeds",
+                "variance", "provisional", "unstable_p")
+
+
+@dataclass(frozen=True)
+class Look:
+    """One analysis of the sweep as it stood: the raw statistics per row and the seed models behind them."""
+    table: pd.DataFrame
+    models: Mapping[str, SeedModel]
+    image_variance: Mapping[tuple[str, str], np.ndarray]     # (arm, metric) -> V_img (F,)
+
+
+def analyse_look(resampled: Resampled, baseline: str, margin: float = DEFAULT_MARGIN, *, seed: int = 0) -> Look:
+    """Δ of every arm vs the baseline with Var(Δ) (dashboards/variance.py), and per row the one-sided p-values
+    of Δ > 0 and Δ < 0 and the TOST p-value of |Δ| < margin, all from the t reference at the row's df."""
+    names = (MEAN, *resampled.findings)
+    rows, models, image_variance = [], {}, {}
     for metric in METRICS:
-        per_seed = {arm: _with_mean(point[metric][arm_of == arm]) for arm in arms}        # (k, F)
-        boot_mean = {arm: _with_mean(resampled[metric][arm_of == arm]).mean(axis=0) for arm in arms}   # (B, F)
-        own = {arm: _seed_variance(values) for arm, values in per_seed.items()}
-        pooled, seed_df = _pooled_variance(per_seed, own)
-        for arm in arms:
+        point, replicates = resampled.point[metric], resampled.replicates[metric]
+        model = models[metric] = seed_model(point, replicates, seed=seed)
+        arm_means = {arm: replicates[arm].mean(axis=0) for arm in point}                      # (B, F)
+        for arm in point:
             if arm == baseline:
                 continue
-            # each arm's seed variance: its own or the pooled one, whichever is larger (pooled alone for one seed)
-            seed_variance = sum(np.fmax(own[a], pooled) / len(per_seed[a]) for a in (arm, baseline))
-            delta = per_seed[arm].mean(axis=0) - per_seed[baseline].mean(axis=0)
-            low, high = combined_interval(delta, boot_mean[arm] - boot_mean[baseline], seed_variance, seed_df,
-                                          confidence)
-            provisional = min(len(per_seed[arm]), len(per_seed[baseline])) < 2
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                v_img = np.nanvar(arm_means[arm] - arm_means[baseline], axis=0, ddof=1)
+            image_variance[(arm, metric)] = v_img
+            variance = delta_variance(model, arm, baseline, v_img)
+            delta = point[arm].mean(axis=0) - point[baseline].mean(axis=0)
+            se = np.sqrt(variance.total)
+            p_up, p_down, p_equivalence = _t_tests(delta, se, variance.df, margin)
+            mine, theirs = model.arms[arm], model.arms[baseline]
             for f, finding in enumerate(names):
-                rows.append((arm, finding, metric, per_seed[arm][:, f].mean(), per_seed[baseline][:, f].mean(),
-                             delta[f], low[f], high[f], np.sqrt(own[arm][f]), np.sqrt(own[baseline][f]),
-                             len(per_seed[arm]), len(per_seed[baseline]), len(labels), n_groups,
-                             int(n_positive[f]), seed_df, verdict(low[f], high[f]), provisional))
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+                rows.append((arm, finding, metric, point[arm][:, f].mean(), point[baseline][:, f].mean(), delta[f],
+                             se[f], np.sqrt(v_img[f]), variance.df[f], p_up[f], p_down[f], p_equivalence[f],
+                             np.sqrt(mine.sample_variance[f]), np.sqrt(theirs.sample_variance[f]), mine.k, theirs.k,
+                             variance.source, variance.source == BORROWED, mine.p_unstable))
+    return Look(pd.DataFrame(rows, columns=list(LOOK_COLUMNS)), models, image_variance)
 
 
-def _pooled_variance(per_seed: Mapping[str, np.ndarray],
-                     own: Mapping[str, np.ndarray]) -> tuple[np.ndarray, float]:
-    """Within-arm seed variance pooled over the arms with several seeds, and its degrees of freedom
-    (zeros and inf when no arm has two seeds: nothing to add, nothing estimated)."""
-    usable = [arm for arm, values in per_seed.items() if len(values) > 1]
-    if not usable:
-        return np.zeros(next(iter(per_seed.values())).shape[1]), np.inf
-    df = sum(len(per_seed[arm]) - 1 for arm in usable)
-    return sum((len(per_seed[arm]) - 1) * own[arm] for arm in usable) / df, float(df)
+def _t_tests(delta: np.ndarray, se: np.ndarray, df: np.ndarray, margin: float
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        usable = np.isfinite(delta) & np.isfinite(se) & (se > 0)
+        t = np.where(usable, delta / np.where(usable, se, 1.0), np.nan)
+        p_up, p_down = stats.t.sf(t, df), stats.t.cdf(t, df)
+        above_lower = stats.t.sf((delta + margin) / se, df)          # H0: Δ <= -margin
+        below_upper = stats.t.cdf((delta - margin) / se, df)         # H0: Δ >= +margin
+        p_equivalence = np.where(usable, np.fmax(above_lower, below_upper), np.nan)
+    exact = np.isfinite(delta) & (se == 0)          # every seed of every arm scores alike: nothing uncertain
+    p_up = np.where(exact, (delta <= 0).astype(float), p_up)
+    p_down = np.where(exact, (delta >= 0).astype(float), p_down)
+    p_equivalence = np.where(exact, (np.abs(delta) >= margin).astype(float), p_equivalence)
+    return p_up, p_down, p_equivalence
 
 
-def expected_false_calls(effects: pd.DataFrame, confidence: float = 0.95) -> float:
-    """How many of these comparisons would be flagged by chance alone if no arm changed anything (an upper
-    bound: the intervals are conservative)."""
-    return float((effects["verdict"] != NOT_ESTIMABLE).sum() * (1 - confidence))
+# --- the analysis -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SeedRounds:
+    """The looks of an `--until-decided` sweep: after `initial` seeds, then every `step` more, up to `max_seeds`."""
+    initial: int
+    max_seeds: int
+    step: int
+
+    def __post_init__(self):
+        if not 1 <= self.initial <= self.max_seeds or self.step < 1:
+            raise DataError(f"seed rounds {self.initial}..{self.max_seeds} by {self.step}: expected "
+                            f"1 <= initial <= max_seeds and step >= 1")
+
+    @property
+    def looks(self) -> tuple[int, ...]:
+        return tuple(sorted({*range(self.initial, self.max_seeds, self.step), self.max_seeds}))
+
+    def fraction(self, seeds: int) -> float:
+        return seeds / self.max_seeds
+
+
+FIXED = None    # a fixed design: one look at all seeds
+
+
+def estimate_effects(arms: Mapping[str, Sequence[TrialPredictions]], baseline: str = "baseline", *,
+                     findings: Sequence[str] = FINDINGS, margin: float = DEFAULT_MARGIN,
+                     alpha: float = DEFAULT_ALPHA, n_boot: int = 1000, seed: int = 0,
+                     groups: np.ndarray | None = None, rounds: SeedRounds | None = FIXED) -> pd.DataFrame:
+    """Δ AUC and Δ F1 of every arm against `baseline`, per finding and for the mean over findings: intervals,
+    raw and family-adjusted p-values, verdicts and power (COLUMNS). With `rounds`, the looks of an adaptive
+    sweep are replayed and the verdicts follow its sequential rule."""
+    resampled = resample(arms, baseline, findings=findings, n_boot=n_boot, seed=seed, groups=groups)
+    return analyse(resampled, baseline, margin=margin, alpha=alpha, rounds=rounds, seed=seed).table
+
+
+@dataclass(frozen=True)
+class Analysis:
+    table: pd.DataFrame                 # COLUMNS
+    stops: Mapping[str, str]            # arm -> why it stopped getting seeds (adaptive sweeps; empty otherwise)
+    looks: tuple[int, ...]              # seeds per arm at each look replayed
+
+
+History = dict  # arm -> list of (information fraction, that look's rows of the arm)
+
+
+def analyse(resampled: Resampled, baseline: str, *, margin: float = DEFAULT_MARGIN, alpha: float = DEFAULT_ALPHA,
+            rounds: SeedRounds | None = FIXED, seed: int = 0) -> Analysis:
+    """The whole analysis on one resample: its looks (one, or an adaptive sweep's replayed round by round),
+    families, verdicts and power."""
+    if not 0 < alpha < 1:
+        raise DataError(f"alpha={alpha} must lie in (0, 1)")
+    if not margin > 0:
+        raise DataError(f"margin={margin} must be > 0")
+    history: History = {}
+    last_look: dict[str, Look] = {}
+    available = resampled.seeds
+    if rounds is None:
+        look = analyse_look(resampled, baseline, margin, seed=seed)
+        for arm, rows in look.table.groupby("arm", sort=False):
+            history[arm], last_look[arm] = [(1.0, rows)], look
+        return _conclude(resampled, history, last_look, baseline, margin, alpha, {}, (max(available.values()),))
+    active = [arm for arm in available if arm != baseline]
+    stops: dict[str, str] = {}
+    seeds = dict(available)
+    looks: list[int] = []
+    for planned in rounds.looks:
+        if planned > available[baseline] or not active:
+            break
+        for arm in (*active, baseline):
+            seeds[arm] = min(planned, available[arm])
+        look = analyse_look(resampled.first_seeds(seeds), baseline, margin, seed=seed)
+        looks.append(planned)
+        for arm, rows in look.table.groupby("arm", sort=False):
+            if arm in active:
+                history.setdefault(arm, []).append((rounds.fraction(planned), rows))
+                last_look[arm] = look
+        verdicts = primary_verdicts(history, alpha)
+        for arm in list(active):
+            if verdicts.get(arm) in DECIDED:
+                active.remove(arm)
+                stops[arm] = f"{verdicts[arm]} after {seeds[arm]} seeds"
+    if not looks:
+        raise DataError(f"the baseline has {available[baseline]} seeds, fewer than the first look's "
+                        f"{rounds.initial}: nothing to analyse")
+    for arm in active:
+        stops[arm] = (f"seed budget spent ({rounds.max_seeds}): undecided" if seeds[arm] >= rounds.max_seeds
+                      else f"undecided after {seeds[arm]} seeds (budget {rounds.max_seeds} not reached)")
+    return _conclude(resampled, history, last_look, baseline, margin, alpha, stops, tuple(looks), rounds)
+
+
+def primary_verdicts(history: History, alpha: float = DEFAULT_ALPHA) -> dict[str, str]:
+    """The primary family's verdict per arm from the looks so far."""
+    def primary_rows(rows: pd.DataFrame) -> pd.DataFrame:
+        return rows[(rows["finding"] == MEAN) & (rows["metric"] == "auc")]
+    primary = pd.concat([_sequential_rows([(fraction, primary_rows(rows)) for fraction, rows in looks])
+                         for looks in history.values()], ignore_index=True)
+    decide_family(primary, "holm", alpha)
+    return dict(zip(primary["arm"], primary["verdict"]))
+
+
+def _sequential_rows(looks: list[tuple[float, pd.DataFrame]]) -> pd.DataFrame:
+    """An arm's rows at its latest look, with each one-sided p-value turned into the repeated p-value over its
+    looks (dashboards/sequential.py; a single look at the full information leaves it as it is)."""
+    fractions = [fraction for fraction, _ in looks]
+    latest = looks[-1][1].copy()
+    tests = ("p_up", "p_down", "p_equivalence")
+    if fractions == [1.0]:
+        up, down, equivalence = (latest[c].to_numpy(float) for c in tests)
+    else:
+        stacked = [np.stack([rows[c].to_numpy(float) for _, rows in looks], axis=1) for c in tests]
+        up, down, equivalence = (np.array([repeated_p_value(row, fractions) for row in values])
+                                 for values in stacked)
+    latest["p_value"] = np.minimum(1.0, 2 * np.fmin(up, down))          # NaN stays NaN: not estimable
+    latest["direction"] = np.where(up <= down, 1, -1)
+    latest["p_equivalence"] = equivalence
+    latest["looks"] = len(looks)
+    return latest
+
+
+def _adjust(p_values: pd.Series, method: str, alpha: float) -> np.ndarray:
+    """multipletests over the finite p-values (a row without one is not in the family); NaN elsewhere."""
+    p = p_values.to_numpy(float)
+    adjusted = np.full(len(p), np.nan)
+    finite = np.isfinite(p)
+    if finite.any():
+        gc.freeze()     # statsmodels' Holm calls gc.collect(): with the live objects frozen it costs ms, not 0.3 s
+        try:
+            adjusted[finite] = multipletests(p[finite], alpha=alpha, method=method)[1]
+        finally:
+            gc.unfreeze()
+    return adjusted
+
+
+def decide_family(rows: pd.DataFrame, method: str, alpha: float = DEFAULT_ALPHA) -> None:
+    """Adjust one family's p-values (in place: p_adjusted, p_equivalence_adjusted) and give each row its verdict:
+    helps / hurts where the adjusted p ≤ alpha, else equivalent where the adjusted TOST p ≤ alpha, else
+    inconclusive; not estimable without a p-value."""
+    rows["p_adjusted"] = _adjust(rows["p_value"], method, alpha)
+    rows["p_equivalence_adjusted"] = _adjust(rows["p_equivalence"], method, alpha)
+    significant = rows["p_adjusted"].to_numpy() <= alpha
+    verdict = np.where(rows["p_equivalence_adjusted"].to_numpy() <= alpha, EQUIVALENT, INCONCLUSIVE).astype(object)
+    verdict[significant & (rows["direction"].to_numpy() > 0)] = HELPS
+    verdict[significant & (rows["direction"].to_numpy() < 0)] = HURTS
+    verdict[~np.isfinite(rows["p_value"].to_numpy(float))] = NOT_ESTIMABLE
+    rows["verdict"] = verdict
+
+
+def family_level(rows: pd.DataFrame, method: str, alpha: float = DEFAULT_ALPHA) -> float:
+    """The two-sided level a further call in this family would have to meet: α/m for Holm (its first step), and
+    Benjamini–Hochberg's α·(R+1)/m at R calls so far (capped at α)."""
+    m = int(np.isfinite(rows["p_value"].to_numpy(float)).sum())
+    if m == 0:
+        return float("nan")
+    if method == "holm":
+        return alpha / m
+    calls = int(rows["verdict"].isin([HELPS, HURTS]).sum())
+    return min(alpha, alpha * (calls + 1) / m)
+
+
+def _conclude(resampled: Resampled, history: History, last_look: Mapping[str, Look], baseline: str, margin: float,
+              alpha: float, stops: Mapping[str, str], looks: tuple[int, ...],
+              rounds: SeedRounds | None = None) -> Analysis:
+    rows = pd.concat([_sequential_rows(history[arm]) for arm in history], ignore_index=True)
+    rows["family"] = np.where((rows["finding"] == MEAN) & (rows["metric"] == "auc"), PRIMARY, SECONDARY)
+    quantile = stats.t.ppf(1 - alpha / 2, rows["df"].to_numpy(float))
+    rows["ci_low"] = rows["delta"] - quantile * rows["se"]
+    rows["ci_high"] = rows["delta"] + quantile * rows["se"]
+    families = []
+    for family, method in ((PRIMARY, "holm"), (SECONDARY, "fdr_bh")):
+        part = rows[rows["family"] == family].copy()
+        decide_family(part, method, alpha)
+        level = family_level(part, method, alpha)
+        if rounds is not None:      # the nominal level of the last planned look that spends the family's level
+            level = final_look_level([rounds.fraction(n) for n in rounds.looks], level)
+        add_power(part, last_look, baseline, margin, level, (MEAN, *resampled.findings))
+        families.append(part)
+    table = pd.concat(families).sort_index()
+    table["n_images"], table["n_patients"] = resampled.n_images, resampled.n_patients
+    positives = dict(zip((MEAN, *resampled.findings), resampled.n_positive))
+    table["n_positive"] = table["finding"].map(positives).astype(int)
+    return Analysis(table[list(COLUMNS)].reset_index(drop=True), dict(stops), looks)
+
+
+def add_power(rows: pd.DataFrame, last_look: Mapping[str, Look], baseline: str, margin: float, level: float,
+              columns: Sequence[str]) -> None:
+    """mde and seeds_to_decide per row (in place), at the family's two-sided level (dashboards/power.py)."""
+    rows["mde"] = minimum_detectable(rows["se"].to_numpy(float), rows["df"].to_numpy(float), level)
+    needed = pd.Series(np.nan, index=rows.index)
+    inconclusive = rows[rows["verdict"] == INCONCLUSIVE]
+    for (arm, metric), group in inconclusive.groupby(["arm", "metric"], sort=False):
+        look = last_look[arm]
+        by_column = seeds_needed(look.models[metric], arm, baseline, look.image_variance[(arm, metric)], margin,
+                                 level)
+        needed[group.index] = by_column[[columns.index(finding) for finding in group["finding"]]]
+    rows["seeds_to_decide"] = needed

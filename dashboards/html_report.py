@@ -15,11 +15,15 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
 th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
-.helps { background: #d9f0d3; } .hurts { background: #f8d3cf; }
+.helps { background: #d9f0d3; } .hurts { background: #f8d3cf; } .equivalent { background: #dbe5f3; }
+.not-estimable, .provisional { color: #8a8a8a; }
 .warning { border-left: 4px solid #e08214; background: #fff5e6; padding: 0.6em 1em; }
 pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
 img { max-width: 100%; }
 """
+
+VERDICT_CLASSES = {"helps": "helps", "hurts": "hurts", "equivalent": "equivalent", "not estimable": "not-estimable",
+                   "provisional": "provisional"}
 
 
 class HtmlReport:
@@ -52,12 +56,15 @@ class HtmlReport:
 
     def table(self, frame: pd.DataFrame, *, verdict_column: str | None = None, collapsed: str | None = None,
               float_format: str = "{:.4f}") -> "HtmlReport":
-        """A table; rows tinted by their verdict (helps / hurts) when `verdict_column` names one."""
+        """A table; rows tinted by their verdict (helps / hurts / equivalent; not estimable and provisional rows
+        grey) when `verdict_column` names one."""
         header = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
         body = []
         for _, row in frame.iterrows():
             verdict = str(row[verdict_column]) if verdict_column else ""
-            css = f' class="{verdict}"' if verdict in ("helps", "hurts") else ""
+            if verdict_column and bool(row.get("provisional", False)):
+                verdict = "provisional"
+            css = f' class="{VERDICT_CLASSES[verdict]}"' if verdict in VERDICT_CLASSES else ""
             cells = "".join(f"<td>{html.escape(_cell(value, float_format))}</td>" for value in row)
             body.append(f"<tr{css}>{cells}</tr>")
         table = f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(body)}</tbody></table>"

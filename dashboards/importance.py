@@ -33,6 +33,7 @@ from trainable.data.nih import write_text_atomically
 from trainable.errors import UserError
 from trainable.findings import FINDINGS
 
+from .commands import data_option_words, python_words, shell_join
 from .effects import MEAN
 from .sweep_reader import Sweep, TrialRun, parent_param
 
@@ -220,13 +221,17 @@ def write_rerun_arms(arms: Mapping[str, Mapping[str, Any]], top: Sequence[TrialR
 
 
 def rerun_command(sweep: Sweep, arms_file: Path, arm_names: Sequence[str], seeds: int = RERUN_SEEDS) -> str:
-    """The ablation that re-runs the top configurations against the baseline at the search's full budget."""
-    parts = ["python sweeps/run_ablation.py", f"--arms-file {arms_file}", f"--arms {','.join(arm_names)}",
-             f"--seeds {seeds}", f"--epochs {parent_param(sweep, 'epochs', TrialConfig().epochs)}",
-             f"--name {sweep.experiment_name}-rerun"]
+    """The ablation that re-runs the top configurations against the baseline at the search's full budget, on the
+    search's data split (its recorded data options), as a command that runs as pasted."""
+    words = [*python_words("sweeps/run_ablation.py"), "--arms-file", arms_file, "--arms", ",".join(arm_names),
+             "--seeds", seeds, "--epochs", parent_param(sweep, "epochs", TrialConfig().epochs),
+             "--name", f"{sweep.experiment_name}-rerun"]
     data = parent_param(sweep, "data")
-    parts.append(f"--data {data}" if data else "--demo")
-    parts += [f"--{key.replace('_', '-')} {parent_param(sweep, key)}" for key in CARRIED_OPTIONS
-              if parent_param(sweep, key) not in (None, "0", "0.0", "False")]
-    parts += [f"--set {item}" for item in _set_items(sweep) if not item.startswith("seed=")]
-    return " ".join(parts)
+    words += ["--data", data] if data else ["--demo"]
+    words += data_option_words(sweep.parent_params)
+    for key in CARRIED_OPTIONS:
+        if parent_param(sweep, key) not in (None, "0", "0.0", "False"):
+            words += [f"--{key.replace('_', '-')}", parent_param(sweep, key)]
+    for item in _set_items(sweep):
+        words += [] if item.startswith("seed=") else ["--set", item]
+    return shell_join(words)

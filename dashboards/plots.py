@@ -15,55 +15,71 @@ from matplotlib.figure import Figure
 from trainable.data.nih import write_atomically
 from trainable.findings import FINDINGS
 
-from .effects import HELPS, HURTS, MEAN
+from .effects import EQUIVALENT, HELPS, HURTS, INCONCLUSIVE, MEAN, NOT_ESTIMABLE
 
-VERDICT_COLOURS = {HELPS: "#1a9850", HURTS: "#d73027"}
-NEUTRAL = "#636363"
+VERDICT_COLOURS = {HELPS: "#1a9850", HURTS: "#d73027", EQUIVALENT: "#4575b4", INCONCLUSIVE: "#e08214"}
+GREY = "#9e9e9e"         # not estimable, and rows resting on a variance borrowed for a one-seed arm
 METRIC_LABELS = {"auc": "AUC", "f1": "F1"}
 
 
-def forest_plot(effects: pd.DataFrame, metric: str = "auc", finding: str = MEAN, confidence: float = 0.95) -> Figure:
-    """Δ (mean over findings by default) per arm with its interval; colour = verdict, hollow = provisional."""
+def verdict_colour(verdict: str, provisional: bool = False) -> str:
+    return GREY if provisional or verdict == NOT_ESTIMABLE else VERDICT_COLOURS.get(verdict, GREY)
+
+
+def forest_plot(effects: pd.DataFrame, metric: str = "auc", finding: str = MEAN, confidence: float = 0.95,
+                margin: float | None = None) -> Figure:
+    """Δ (mean over findings by default) per arm with its interval; colour = verdict, grey = provisional (a
+    one-seed arm's borrowed variance) or not estimable; dotted lines at ±margin."""
     rows = effects[(effects["metric"] == metric) & (effects["finding"] == finding)].iloc[::-1]
     fig = Figure(figsize=(9, 1.2 + 0.45 * len(rows)), layout="constrained")
     ax = fig.add_subplot()
     y = np.arange(len(rows))
     for position, (_, row) in zip(y, rows.iterrows()):
-        colour = VERDICT_COLOURS.get(row["verdict"], NEUTRAL)
-        ax.plot([row["ci_low"], row["ci_high"]], [position, position], color=colour, linewidth=2)
+        colour = verdict_colour(row["verdict"], bool(row["provisional"]))
+        if np.isfinite(row["ci_low"]) and np.isfinite(row["ci_high"]):
+            ax.plot([row["ci_low"], row["ci_high"]], [position, position], color=colour, linewidth=2)
         ax.plot(row["delta"], position, "o", color=colour, markersize=7,
                 markerfacecolor="white" if row["provisional"] else colour)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(y, [f"{r.arm}  (seeds {r.n_seeds}/{r.n_baseline_seeds})" for r in rows.itertuples()])
+    if margin:
+        for side in (-margin, margin):
+            ax.axvline(side, color="#4575b4", linewidth=0.8, linestyle=":")
+    ax.set_yticks(y, [f"{r.arm}  (seeds {r.n_seeds}/{r.n_baseline_seeds}) {r.verdict}" for r in rows.itertuples()])
     label = "mean over findings" if finding == MEAN else finding
     ax.set_xlabel(f"Δ {METRIC_LABELS.get(metric, metric)} vs baseline ({label}), {confidence:.0%} interval")
-    ax.set_title(f"Effect on {METRIC_LABELS.get(metric, metric)} ({label})\ngreen helps, red hurts, grey no "
-                 f"detectable effect; hollow = provisional (one seed)", fontsize=9)
+    ax.set_title(f"Effect on {METRIC_LABELS.get(metric, metric)} ({label}), verdicts family-adjusted\ngreen helps, "
+                 f"red hurts, blue equivalent (dotted: ±margin), orange inconclusive, grey not estimable or "
+                 f"provisional (one seed, hollow)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     return fig
 
 
 def effect_heatmap(effects: pd.DataFrame, metric: str = "auc") -> Figure:
-    """Δ per arm (rows) × finding (columns, mean first); ▲/▼ marks intervals that exclude 0."""
+    """Δ per arm (rows) × finding (columns, mean first); ▲/▼ mark helps/hurts calls (family-adjusted), = marks
+    equivalent; rows of a one-seed arm (provisional) are greyed out."""
     rows = effects[effects["metric"] == metric]
     arms = list(dict.fromkeys(rows["arm"]))
     findings = list(dict.fromkeys(rows["finding"]))
     delta = rows.pivot(index="arm", columns="finding", values="delta").loc[arms, findings].to_numpy(float)
     verdicts = rows.pivot(index="arm", columns="finding", values="verdict").loc[arms, findings].to_numpy()
+    provisional = rows.groupby("arm", sort=False)["provisional"].any().loc[arms].to_numpy()
     limit = np.nanmax(np.abs(delta)) if np.isfinite(delta).any() and np.nanmax(np.abs(delta)) > 0 else 1.0
     fig = Figure(figsize=(1.6 + 0.62 * len(findings), 1.4 + 0.42 * len(arms)), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(delta, cmap="RdBu", norm=TwoSlopeNorm(0, -limit, limit), aspect="auto")
     for (i, j), value in np.ndenumerate(delta):
         if np.isfinite(value):
-            mark = {HELPS: "▲", HURTS: "▼"}.get(verdicts[i, j], "")
+            mark = {HELPS: "▲", HURTS: "▼", EQUIVALENT: "="}.get(verdicts[i, j], "")
+            colour = GREY if provisional[i] else "white" if abs(value) > 0.6 * limit else "black"
             ax.text(j, i, f"{value * 100:+.1f}{mark}", ha="center", va="center", fontsize=7,
-                    fontweight="bold" if mark else "normal", color="white" if abs(value) > 0.6 * limit else "black")
+                    fontweight="bold" if mark else "normal", color=colour)
+    for i in np.flatnonzero(provisional):
+        ax.axhspan(i - 0.5, i + 0.5, color=GREY, alpha=0.6, zorder=2)
     ax.set_xticks(range(len(findings)), findings, rotation=45, ha="right")
     ax.set_yticks(range(len(arms)), arms)
     fig.colorbar(image, ax=ax, label=f"Δ {METRIC_LABELS.get(metric, metric)} vs baseline")
-    ax.set_title(f"Δ {METRIC_LABELS.get(metric, metric)} × 100 per arm and finding (▲ helps, ▼ hurts: "
-                 f"interval excludes 0)", fontsize=9)
+    ax.set_title(f"Δ {METRIC_LABELS.get(metric, metric)} × 100 per arm and finding (▲ helps, ▼ hurts, "
+                 f"= equivalent; family-adjusted; grey: one seed)", fontsize=9)
     return fig
 
 

@@ -17,11 +17,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sweeps.tracking import DB_FILE, PARENT_RUN_TAG, resolve_tracking_uri
 from trainable.checkpoint_files import PREDICTIONS_FILE, THRESHOLDS_FILE
 from trainable.errors import DataError, UserError
 
-from .effects import TrialPredictions
+from .effects import SeedRounds, TrialPredictions
+from .mlflow_store import DB_FILE, PARENT_RUN_TAG, resolve_tracking_uri
+from .mlflow_store import connect as connect_and_check
 
 DEFAULT_STORE = Path("runs") / DB_FILE     # where the sweeps put the embedded store with their default --out
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -38,6 +39,7 @@ class TrialRun:
     params: Mapping[str, str]
     metrics: Mapping[str, float]
     start_time: int = 0
+    end_time: int = 0
 
     @property
     def arm(self) -> str | None:
@@ -88,7 +90,6 @@ def connect(uri: str):
     """An MlflowClient for the store; a missing SQLite file is an error here, not a new empty store."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserError(f"--mlflow-uri {uri}: no such SQLite file")
-    from sweeps.tracking import connect as connect_and_check   # the sweeps' own probe, with its one-line error
     return connect_and_check(uri)
 
 
@@ -100,7 +101,8 @@ def open_sweep(client, sweep: str, tracking_uri: str = "") -> Sweep:
                                   filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'")
     trials = [TrialRun(run_id=run.info.run_id, name=run.data.tags.get("mlflow.runName", run.info.run_id),
                        status=run.info.status, tags=dict(run.data.tags), params=dict(run.data.params),
-                       metrics=dict(run.data.metrics), start_time=run.info.start_time or 0)
+                       metrics=dict(run.data.metrics), start_time=run.info.start_time or 0,
+                       end_time=run.info.end_time or 0)
               for run in children]
     return Sweep(tracking_uri=tracking_uri,
                  experiment_name=experiment.name, parent_run_id=parent.info.run_id,
@@ -144,15 +146,22 @@ def load_trial_predictions(client, trial: TrialRun, folder: str | Path) -> Trial
         raise DataError(f"trial {trial.name} (run {trial.run_id}): no {PREDICTIONS_FILE} / {THRESHOLDS_FILE} "
                         f"artifacts ({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})") from None
     try:
+        return read_trial_predictions(npz, thresholds_path, trial.name)
+    except DataError as err:
+        raise DataError(f"trial {trial.name} (run {trial.run_id}): {err}") from None
+
+
+def read_trial_predictions(npz: str | Path, thresholds_path: str | Path, name: str) -> TrialPredictions:
+    """A trial's val_predictions.npz and thresholds.json, as trainable.train writes them into each checkpoint."""
+    try:
         with np.load(npz, allow_pickle=False) as saved:
-            findings = [str(name) for name in saved["findings"]]
+            findings = [str(f) for f in saved["findings"]]
             labels, probs, images = saved["labels"], saved["probs"], saved["images"].astype(str)
         by_finding = json.loads(Path(thresholds_path).read_text())
-        thresholds = np.array([float(by_finding[name]) for name in findings])
+        thresholds = np.array([float(by_finding[f]) for f in findings])
     except (KeyError, ValueError, OSError) as err:
-        raise DataError(f"trial {trial.name} (run {trial.run_id}): unreadable {PREDICTIONS_FILE} or "
-                        f"{THRESHOLDS_FILE} ({err})") from None
-    return TrialPredictions(labels=labels, probs=probs, thresholds=thresholds, images=images, name=trial.name)
+        raise DataError(f"unreadable {PREDICTIONS_FILE} or {THRESHOLDS_FILE} ({err})") from None
+    return TrialPredictions(labels=labels, probs=probs, thresholds=thresholds, images=images, name=name)
 
 
 def ablation_trials(sweep: Sweep) -> dict[str, list[TrialRun]]:
@@ -182,3 +191,15 @@ def load_arm_predictions(client, arms: Mapping[str, list[TrialRun]], folder: str
 def parent_param(sweep: Sweep, key: str, default: Any = None) -> Any:
     value = sweep.parent_params.get(key)
     return default if value in (None, "None", "") else value
+
+
+def sweep_rounds(sweep: Sweep) -> tuple[SeedRounds | None, float | None]:
+    """The seed rounds of a sweep run with --until-decided (None for a fixed one) and its --margin, from the
+    parent run's params (the sweep's CLI arguments)."""
+    margin = parent_param(sweep, "margin")
+    margin = float(margin) if margin is not None else None
+    if str(parent_param(sweep, "until_decided", "False")) != "True":
+        return None, margin
+    seeds = int(parent_param(sweep, "seeds"))
+    return SeedRounds(initial=seeds, max_seeds=int(parent_param(sweep, "max_seeds", seeds)),
+                      step=int(parent_param(sweep, "seeds_per_round", seeds))), margin

@@ -7,34 +7,55 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Hashable, Iterable, Mapping
 
 import yaml
 
+from trainable.config import CHOICES, FIELD_TYPES, TrialConfig, coerce
 from trainable.errors import ConfigError
-
-if TYPE_CHECKING:
-    from trainable.config import TrialConfig
 
 HERE = Path(__file__).resolve().parent
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: plain YAML keeps the last one without a word,
+    so an arm defined twice would silently run only its second definition."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":     # `<<: *base` then overriding keys is fine
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue                                      # the base class reports unhashable keys
+            if key in first_line:
+                raise ConfigError(f"{self.name}: line {key_node.start_mark.line + 1}: {key!r} is defined twice in "
+                                  f"one mapping (first at line {first_line[key]}); give each entry its own name")
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file, turning a syntax error into a one-line ConfigError naming the file and line."""
+    """Parse a YAML file, turning a syntax error or a duplicated key into a one-line ConfigError naming the file
+    and line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
+    loader = _UniqueKeyLoader(path.read_text())
+    loader.name = str(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return loader.get_single_data()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    finally:
+        loader.dispose()
 
 
-def load_presets(path: str | Path = HERE / "presets.yaml") -> dict[str, "TrialConfig"]:
+def load_presets(path: str | Path = HERE / "presets.yaml") -> dict[str, TrialConfig]:
     """Every preset validated as a full TrialConfig (defaults + the preset's overrides)."""
-    from trainable.config import TrialConfig
     raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of preset name -> overrides")
@@ -42,9 +63,16 @@ def load_presets(path: str | Path = HERE / "presets.yaml") -> dict[str, "TrialCo
             for name, values in raw.items()}
 
 
-def build_config(values: Mapping[str, Any], source: str) -> "TrialConfig":
+def load_preset(name: str) -> TrialConfig:
+    """A named preset from presets.yaml (plain config overrides of the CheXNet defaults)."""
+    presets = load_presets()
+    if name not in presets:
+        raise ConfigError(f"preset {name!r} is not one of: {', '.join(presets)}")
+    return presets[name]
+
+
+def build_config(values: Mapping[str, Any], source: str) -> TrialConfig:
     """TrialConfig.from_dict whose every error names `source` (its range and registry checks say 'config:')."""
-    from trainable.config import TrialConfig
     try:
         return TrialConfig.from_dict(values, source=source)
     except ConfigError as err:
@@ -69,7 +97,7 @@ class Arm:
     overrides: Mapping[str, Any]       # a preset arm holds the preset's full config here
     source: str                        # file the arm came from, for messages
 
-    def config(self, baseline: Mapping[str, Any]) -> "TrialConfig":
+    def config(self, baseline: Mapping[str, Any]) -> TrialConfig:
         return build_config({**baseline, **self.overrides}, source=f"{self.source}: arm {self.name!r}")
 
 
@@ -91,8 +119,7 @@ def load_arms(path: str | Path = ARMS_FILE, *, extra: str | Path | None = None) 
     return arms
 
 
-def _read_arms(path: str | Path, presets: Mapping[str, "TrialConfig"]) -> dict[str, Arm]:
-    from trainable.config import FIELD_TYPES, coerce
+def _read_arms(path: str | Path, presets: Mapping[str, TrialConfig]) -> dict[str, Arm]:
     raw = read_yaml(path)
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path}: expected a mapping of arm name -> the config keys it changes "
@@ -109,6 +136,9 @@ def _read_arms(path: str | Path, presets: Mapping[str, "TrialConfig"]) -> dict[s
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
                               f"{', '.join(ARM_META_KEYS)}, {', '.join(FIELD_TYPES)}")
+        if "seed" in entry:   # the grid gives every arm seeds 0..N-1; an arm's own seed would be overwritten
+            raise ConfigError(f"{where}: seed is set by the sweep (--seeds runs seeds 0..N-1 for every arm); "
+                              f"remove seed from the arm")
         keys = {k: coerce(k, v, source=where) for k, v in entry.items() if k not in ARM_META_KEYS}
         preset = entry.get("preset")
         if preset is not None and preset not in presets:
@@ -151,7 +181,7 @@ class SearchSpace:
     params: tuple[SearchParam, ...]
     source: str
 
-    def base_config(self) -> "TrialConfig":
+    def base_config(self) -> TrialConfig:
         return load_presets()[self.base_preset]
 
     def without(self, fixed: Iterable[str]) -> "SearchSpace":
@@ -180,7 +210,6 @@ def load_optuna_space(path: str | Path = OPTUNA_SPACE_FILE) -> SearchSpace:
 
 def _search_param(name: str, options: Any, base: Mapping[str, Any], earlier: list[SearchParam],
                   where: str) -> SearchParam:
-    from trainable.config import CHOICES, FIELD_TYPES, coerce
     if name not in FIELD_TYPES:
         raise ConfigError(f"{where}: not a config key; valid keys: {', '.join(FIELD_TYPES)}")
     if not isinstance(options, dict) or not set(options) <= PARAM_OPTIONS:

@@ -10,12 +10,14 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from trainable.backends import CUBLAS_WORKSPACE_ENV, DETERMINISTIC_CUBLAS_WORKSPACE
 from trainable.errors import ConfigError
 
 from .record import is_uri
 
 PROBE_TIMEOUT_S = 60
 CONNECT_TIMEOUT_S = 3
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 TOKEN_FIX = ("export RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN (or in ~/.ray/auth_token, or a "
              "file named by RAY_AUTH_TOKEN_PATH); `ray get-auth-token` on the head node prints it")
 
@@ -27,7 +29,11 @@ def start_ray(address: str | None) -> None:
     quiet = {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="WARNING")}
     # OpenMP threads that spin while waiting collapse CPU throughput when trials share a node's cores
     # (BENCHMARKS.md); passive waiting costs nothing when a trial has its cores to itself.
-    runtime_env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
+    # A fixed cuBLAS workspace must be set before a process's first cuBLAS call: deterministic=true needs it, and
+    # a Ray actor reused across trials may have made that call in an earlier trial (trainable/backends.py).
+    runtime_env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+                                CUBLAS_WORKSPACE_ENV: os.environ.get(CUBLAS_WORKSPACE_ENV,
+                                                                     DETERMINISTIC_CUBLAS_WORKSPACE)}}
     if address:
         check_cluster_answers(address)
         try:
@@ -39,7 +45,9 @@ def start_ray(address: str | None) -> None:
             raise ConfigError(f"--address {address}: cannot join this Ray cluster ({' '.join(str(err).split())})"
                               ) from None
     else:
-        # 'local': never join a cluster a `ray start` left recorded on this machine
+        # 'local': never join a cluster a `ray start` left recorded on this machine. A new local Ray turns on
+        # token authentication and warns that it did: nothing for the user to do, so that one warning is dropped.
+        logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
         ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **quiet)
 
 

@@ -1,4 +1,4 @@
-"""The embedded demo: what `python sweeps/run_ablation.py` (no arguments) runs on a laptop in about 10 minutes.
+"""The embedded demo: what `python sweeps/run_ablation.py` (no arguments) runs on a laptop (README: measured time).
 
 Generated NIH-layout data (made once into OUT/demo_data), a tiny timm ResNet at 64 px without pretrained
 weights, a local Ray and the local MLflow store. Any option given after --demo still wins over these.

@@ -104,6 +104,33 @@ def cause_of(error: BaseException | None) -> BaseException | None:
     return error
 
 
+def _user_error_names() -> set[str]:
+    """Qualified names of UserError and its subclasses, as a traceback's last line writes them."""
+    names, todo = set(), [UserError]
+    while todo:
+        cls = todo.pop()
+        names.add(f"{cls.__module__}.{cls.__qualname__}")
+        todo += cls.__subclasses__()
+    return names
+
+
+def bad_input_reason(error: BaseException | None) -> str | None:
+    """The one-line reason of a trial failure the user fixes in the input (config, data, weights), else None.
+
+    Tune gives the driver either the exception itself (inside a RayTaskError) or, since the logger keeps Tune
+    from unpickling a trial's error.pkl (sweeps/mlflow_logger.py), a TuneError holding the text of its
+    error.txt, whose last line names the exception's class.
+    """
+    cause = cause_of(error)
+    if cause is None:
+        return None
+    if isinstance(cause, UserError):
+        return " ".join(str(cause).split())
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    name, found, reason = (lines[-1] if lines else "").partition(": ")
+    return reason if found and name in _user_error_names() else None
+
+
 def is_bad_input(error: BaseException | None) -> bool:
-    """A trial failure the user fixes in the input (config, data, weights): the sweep then exits 2."""
-    return isinstance(cause_of(error), UserError)
+    """A trial failure the user fixes in the input: the sweep then exits 2."""
+    return bad_input_reason(error) is not None

@@ -8,16 +8,22 @@ keeps that order structural). A killed run continues with `--resume`, as a sweep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
-from trainable.__main__ import add_data_arguments, data_spec
+from mlflow import MlflowClient
+
+from dashboards.commands import python_words, shell_join
+from dashboards.evidence import CONFIG_FILE, EVIDENCE_TAG, config_evidence
+from trainable.data.options import DATA_OPTIONS, add_data_arguments, data_spec
 from trainable.config import parse_overrides
 from trainable.data.nih import PreparedData, prepare_dataset, write_text_atomically
-from trainable.errors import ConfigError, UserError
+from trainable.errors import ConfigError, UserError, out_of_space
 from trainable.findings import FINDINGS
+from trainable.tune import TrialContext
 
 from . import final_tune
 from .final import FinalModel, MemberSpec, TrainedMember, blind_test_labels, final_model, member_specs
@@ -25,10 +31,11 @@ from .final_sources import Candidate, from_config_file, sweep_candidates, sweep_
 from .final_tracking import FAILED, FINISHED, KILLED, FinalRun, global_tracking_uri
 from .naming import trial_run_name
 from .options import RESUMABLE_OPTIONS, add_cluster_arguments, add_storage_arguments, positive_int
-from .record import SweepLocation, SweepRecord, check_name, storage_root
-from .report import unfinished_trials
-from .runner import absolute_local_paths, cluster_session, exit_code, locate_resumed
+from .record import RECORD_FILE, SweepLocation, SweepRecord, check_name, storage_root, sweep_lock
+from .runner import (absolute_local_paths, adopt_arguments, cluster_session, exit_code, locate_resumed, settle,
+                     verify_resumable)
 from .tracking import artifact_location, connect, git_commit, mask_secrets, resolve_tracking_uri, ui_command
+from .tune_state import record_written
 
 DESCRIPTION = """Final training: the best config of a sweep (or a config file) trained with a longer budget over
 one or more seeds, epochs selected and F1 thresholds chosen on validation only, then evaluated once on the test split:
@@ -102,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return run(args, parser)
+        with contextlib.ExitStack() as held:     # the run's lock, for as long as this driver runs it
+            return run(args, parser, held)
+    except OSError as err:
+        full = out_of_space(err, f"--out {args.out or 'runs'}")
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return 2
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -110,22 +124,30 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- before training --------------------------------------------------------------------------------------------
 
-def _locate(args: argparse.Namespace, parser: argparse.ArgumentParser
-            ) -> tuple[Path, SweepLocation, SweepRecord | None]:
-    """(the output folder, the members' Tune folder `<storage>/<out's name>`, the record when resuming)."""
+def _locate(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contextlib.ExitStack
+            ) -> tuple[Path, SweepLocation, SweepRecord | None, str]:
+    """(the output folder, the members' Tune folder `<storage>/<out's name>`, locked for this driver, the record
+    when resuming, the MLflow tracking URI)."""
     storage = storage_root(args.storage, Path(args.out).parent if args.out else Path("runs"))
     if args.resume:
-        location, record = locate_resumed(KIND, args, parser, storage)   # restores --out and the rest
-        return Path(args.out), location, record
+        location, record = locate_resumed(KIND, args, storage, Path(args.out or "runs"), held)
+        out = Path(args.out or record.arguments.get("out") or location.name)
+        uri = resolve_tracking_uri(args.mlflow_uri, out.parent)
+        verify_resumable(connect(uri), uri, location, record,   # before anything of the record is used
+                         record.arguments.get("experiment", DEFAULT_EXPERIMENT))
+        adopt_arguments(args, parser, record)                   # restores --out and the rest
+        print(f"resuming {KIND} {location.name!r} from {location.path}", flush=True)
+        return Path(args.out), location, record, uri
     if not (args.config or args.from_sweep):
         raise ConfigError("one of --from-sweep or --config is required (or --resume to continue a final training)")
     out = Path(args.out or Path("runs") / f"final-{time.strftime('%Y%m%d-%H%M%S')}")
     location = SweepLocation(storage, check_name(out.name))
+    held.enter_context(sweep_lock(location, out))
     if ((out.exists() and any(out.iterdir())) or location.exists()) and not args.overwrite:
         raise UserError(f"--out {out} is not empty (or its Tune folder {location.path} exists); pass --overwrite to "
                         f"replace it, --resume {out.name} to continue it, or another --out")
     args.out = str(out)
-    return out, location, None
+    return out, location, None, resolve_tracking_uri(args.mlflow_uri, out.parent)
 
 
 def _candidates(args: argparse.Namespace, parser: argparse.ArgumentParser, uri: str
@@ -136,16 +158,21 @@ def _candidates(args: argparse.Namespace, parser: argparse.ArgumentParser, uri: 
             raise ConfigError("--ensemble needs --from-sweep: a config file holds one config")
         if args.data is None:
             raise ConfigError("--data is required with --config: the NIH ChestX-ray14 folder")
-        return [from_config_file(args.config)], f"config file {args.config}", {"source_config": str(args.config)}
+        return [from_config_file(args.config)], f"config file {args.config} (evidence: {CONFIG_FILE})", \
+            {"source_config": str(args.config), EVIDENCE_TAG: CONFIG_FILE}
     from dashboards.sweep_reader import connect as connect_existing
-    sweep, candidates = sweep_candidates(connect_existing(uri), args.from_sweep, args.ensemble)
+    client = connect_existing(uri)
+    sweep, candidates = sweep_candidates(client, args.from_sweep, args.ensemble)
     if args.data is None:
         _fill_data_options(args, parser, sweep_data_arguments(sweep))
-    ranked = ", ".join(f"{c.label} (val AUC {c.val_auc_mean:.3f}, {c.trials} trial(s))" for c in candidates)
+    evidence = config_evidence(client, sweep, [c.label for c in candidates])
+    ranked = ", ".join(f"{c.label} (val AUC {c.val_auc_mean:.3f}, {c.trials} trial(s); evidence: {why})"
+                       for c, why in zip(candidates, evidence))
     source = f"sweep {sweep.name!r} (parent run {sweep.parent_run_id}), top {len(candidates)} by validation " \
              f"mean AUC: {ranked}"
     tags = {"source_sweep": sweep.name, "source_sweep_run": sweep.parent_run_id,
-            "source_data_fingerprint": sweep.parent_params.get("data_fingerprint", "")}
+            "source_data_fingerprint": sweep.parent_params.get("data_fingerprint", ""),
+            EVIDENCE_TAG: "; ".join(evidence)[:5000]}
     return candidates, source, tags
 
 
@@ -172,11 +199,10 @@ def _apply_overrides(candidates: list[Candidate], args: argparse.Namespace) -> l
 
 # --- the run ----------------------------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contextlib.ExitStack) -> int:
     from dashboards.annotations import BBOX_FILE, GOOGLE_FILES, find_files
 
-    out, location, record = _locate(args, parser)
-    uri = resolve_tracking_uri(args.mlflow_uri, out.parent)
+    out, location, record, uri = _locate(args, parser, held)
     candidates, source, source_tags = _candidates(args, parser, uri)
     # Members train in their own folders, maybe on other nodes: only absolute paths travel.
     args.data = str(Path(args.data).expanduser().resolve())
@@ -208,23 +234,28 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               f"({recorded})", flush=True)
 
     # The driver's MLflow logger (a Tune callback) writes through the global tracking URI, as in the sweeps.
-    with cluster_session(args, location), global_tracking_uri(uri):
+    blinded = blind_test_labels(data)
+    context = final_tune.member_context(specs, blinded, location, args.cache_dir)
+    with cluster_session(args, location, context), global_tracking_uri(uri):
         if record is None:
             tracker = FinalRun.start(client, uri, experiment=args.experiment, run_name=out.name,
                                      artifact_root=artifact_location(uri, out.parent),
                                      params=_run_params(args, specs, data, location),
                                      tags=_run_tags(data, source, source_tags, location))
-            location.write(SweepRecord(
+            written = location.write(SweepRecord(
                 kind=KIND, name=location.name, plan=plan,
                 arguments={key: value for key, value in vars(args).items() if key not in NOT_RECORDED},
                 data={"fingerprint": data.fingerprint, "synthetic": data.synthetic, "sizes": data.split_sizes()},
                 mlflow={"experiment_id": tracker.sweep_run.experiment_id, "parent_run_id": tracker.run_id,
                         "tracking_uri": mask_secrets(uri)}))
+            record_written(client, tracker.run_id, {RECORD_FILE: written})
         else:
-            tracker = FinalRun.reopen(client, uri, name=location.name, experiment_id=record.mlflow["experiment_id"],
+            tracker = FinalRun.reopen(client, uri, name=location.name, experiment=args.experiment,
+                                      experiment_id=record.mlflow["experiment_id"],
                                       parent_run_id=record.mlflow["parent_run_id"])
         try:
-            final = _train_on_cluster(args, location, specs, data, tracker, resumed=record is not None)
+            final = _train_on_cluster(args, location, specs, blinded, context, client, tracker,
+                                      resumed=record is not None)
         except BaseException as err:
             tracker.end(KILLED if isinstance(err, KeyboardInterrupt) else FAILED)
             raise
@@ -242,14 +273,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _train_on_cluster(args: argparse.Namespace, location: SweepLocation, specs: list[MemberSpec],
-                      data: PreparedData, tracker: FinalRun, *, resumed: bool) -> FinalModel | int:
+                      blinded: PreparedData, context: TrialContext, client: MlflowClient, tracker: FinalRun, *,
+                      resumed: bool) -> FinalModel | int:
     """The members as Tune trials on blinded data, each one's selected epoch, the test split predicted on the
     cluster; an exit code instead when a member failed or the run was interrupted."""
-    blinded = blind_test_labels(data)
-    context = final_tune.member_context(specs, blinded, location, args.cache_dir)
-    results = final_tune.tuner(args, location, specs, context, experiment_id=tracker.sweep_run.experiment_id,
+    results = final_tune.tuner(args, location, specs, context, client, experiment_id=tracker.sweep_run.experiment_id,
                                parent_run_id=tracker.run_id, resumed=resumed).fit()
-    unfinished = unfinished_trials(location.path)
+    unfinished = settle(client, location, tracker.run_id, keep_best=True)
     if unfinished or results.num_errors:
         failed = [trial_run_name(r.config, "") for r in results if r.error is not None]
         what = (f"interrupted with {len(unfinished)} member(s) unfinished ({', '.join(unfinished)})" if unfinished
@@ -257,8 +287,9 @@ def _train_on_cluster(args: argparse.Namespace, location: SweepLocation, specs: 
                      f"fix the cause (see their FAILED runs in MLflow)")
         tracker.sweep_run.set_tags({"interrupted": str(bool(unfinished)).lower()})
         tracker.end(KILLED if unfinished else FAILED)
-        where = f" --out {args.out}" + (f" --storage {args.storage}" if args.storage else "")
-        print(f"\n{what}; continue with:\n  python sweeps/train_best.py --resume {location.name}{where}", flush=True)
+        where = ["--out", args.out, *(["--storage", args.storage] if args.storage else [])]
+        resume = shell_join([*python_words("sweeps/train_best.py"), "--resume", location.name, *where])
+        print(f"\n{what}; continue with:\n  {resume}", flush=True)
         return exit_code(results, unfinished)
     order = {spec.name: index for index, spec in enumerate(specs)}
     members = sorted((final_tune.member_of(result, specs) for result in results), key=lambda m: order[m.spec.name])
@@ -289,10 +320,9 @@ def _print_header(data: PreparedData, source: str, specs: list[MemberSpec], bbox
 def _run_params(args: argparse.Namespace, specs: list[MemberSpec], data: PreparedData, location: SweepLocation
                 ) -> dict:
     sizes = {f"split_{name}_{unit}": count for name, size in data.split_sizes().items() for unit, count in size.items()}
-    options = {key: getattr(args, key) for key in ("from_sweep", "config", "seeds", "ensemble", "data", "split",
-                                                   "val_fraction", "test_fraction", "split_seed", "view",
-                                                   "max_images", "bootstrap", "cpus_per_trial",
-                                                   "gpus_per_trial", "max_concurrent", "max_failures")}
+    options = {key: getattr(args, key) for key in ("from_sweep", "config", "seeds", "ensemble", "data", *DATA_OPTIONS,
+                                                   "bootstrap", "cpus_per_trial", "gpus_per_trial", "max_concurrent",
+                                                   "max_failures")}
     # The best config as flat params, like a sweep's child run (members' own configs are on their child runs).
     return {**specs[0].config.to_dict(), **{k: v for k, v in options.items() if v is not None}, **sizes,
             "members": ",".join(s.name for s in specs), "data_fingerprint": data.fingerprint,

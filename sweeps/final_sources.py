@@ -11,14 +11,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from dashboards.commands import data_option_words
 from dashboards.sweep_reader import Sweep, TrialRun, open_sweep
 from trainable.config import TrialConfig
 from trainable.errors import ConfigError, UserError
 
 from .final import SELECTION_METRIC
-
-# The data options a sweep records on its parent run (its CLI arguments), as trainable's add_data_arguments names them.
-DATA_OPTIONS = ("data", "split", "val_fraction", "test_fraction", "split_seed", "view", "max_images", "skip_missing")
 
 
 @dataclass(frozen=True)
@@ -86,14 +84,4 @@ def sweep_data_arguments(sweep: Sweep) -> list[str]:
     if params.get("data") in (None, "", "None"):
         raise UserError(f"sweep {sweep.name!r} (parent run {sweep.parent_run_id}) records no data folder; "
                         f"pass --data")
-    argv = []
-    for key in DATA_OPTIONS:
-        value = params.get(key)
-        if value in (None, "None"):
-            continue
-        flag = "--" + key.replace("_", "-")
-        if key == "skip_missing":
-            argv += [flag] if value == "True" else []
-        else:
-            argv += [flag, value]
-    return argv
+    return ["--data", params["data"], *data_option_words(params)]

@@ -82,10 +82,11 @@ class FinalRun:
         return cls(client, tracking_uri, sweep_run)
 
     @classmethod
-    def reopen(cls, client: MlflowClient, tracking_uri: str, *, name: str, experiment_id: str, parent_run_id: str
-               ) -> "FinalRun":
+    def reopen(cls, client: MlflowClient, tracking_uri: str, *, name: str, experiment: str, experiment_id: str,
+               parent_run_id: str) -> "FinalRun":
         """The final run of a final training being resumed, RUNNING again (its member runs: find_members)."""
-        return cls(client, tracking_uri, SweepRun.reopen(client, name, experiment_id, parent_run_id, tracking_uri))
+        return cls(client, tracking_uri, SweepRun.reopen(client, name, experiment_id, parent_run_id, tracking_uri,
+                                                         experiment))
 
     # --- members ------------------------------------------------------------------------------------------------
     def find_members(self) -> dict[str, str]:

@@ -1,10 +1,11 @@
 """Final training's members as Ray Tune trials: the sweeps' trainable, Tuner, MLflow logger and no-retry callback
 (sweeps/runner.py), one trial per member (config x seed), checkpointed every epoch, resumable like a sweep.
 
-Tune keeps two checkpoints of each member: the latest (what a retry or `--resume` continues from) and the best by
-validation mean AUC, ranked as final.selection_key ranks epochs, so it is the epoch final.select_epoch selects
-from the member's full history. The test split is predicted by Ray tasks with the trials' resources: on a
-cluster whose head node has no GPU, the GPU nodes do it; the driver only decides on validation and reports.
+Two checkpoints of each member are kept (sweeps/checkpoint_retention.py, keep_best): the latest (what a retry or
+`--resume` continues from) and the best by validation mean AUC, ranked as final.selection_key ranks epochs, so it
+is the epoch final.select_epoch selects from the member's full history. The test split is predicted by Ray tasks
+with the trials' resources: on a cluster whose head node has no GPU, the GPU nodes do it; the driver only decides
+on validation and reports.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import ray
+from mlflow import MlflowClient
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -24,15 +26,13 @@ from trainable.runtime import gpu_device, pick_device
 from trainable.tune import ARM_KEY, TrialContext, node_name
 
 from .failures import registry_name
-from .final import SELECTION_METRIC, MemberSpec, TrainedMember, read_checkpoint, select_epoch
+from .final import MemberSpec, TrainedMember, read_checkpoint, select_epoch
 from .mlflow_logger import STEP_KEY, MLflowTrialLogger, trial_metrics
 from .naming import TrialDescriber, trial_run_name
 from .record import SweepLocation
 from .runner import build_tuner
 
 MEMBER_KIND = "final-member"          # the `kind` tag of a member's MLflow run
-CHECKPOINTS = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECTION_METRIC,
-                                    checkpoint_score_order="max")
 
 
 def member_context(specs: Sequence[MemberSpec], blinded: PreparedData, location: SweepLocation,
@@ -44,8 +44,8 @@ def member_context(specs: Sequence[MemberSpec], blinded: PreparedData, location:
                         failure_registry=registry_name(location.name))
 
 
-def tuner(args: argparse.Namespace, location: SweepLocation, specs: Sequence[MemberSpec], context: TrialContext, *,
-          experiment_id: str, parent_run_id: str, resumed: bool) -> tune.Tuner:
+def tuner(args: argparse.Namespace, location: SweepLocation, specs: Sequence[MemberSpec], context: TrialContext,
+          client: MlflowClient, *, experiment_id: str, parent_run_id: str, resumed: bool) -> tune.Tuner:
     # Exactly the members (a grid over arms x seeds would pair every config with every seed): each point replaces
     # one of num_samples draws of the space. Tune ignores max_concurrent_trials beside a search algorithm given
     # as an instance, so the generator limits concurrency itself.
@@ -54,10 +54,10 @@ def tuner(args: argparse.Namespace, location: SweepLocation, specs: Sequence[Mem
              "seed": tune.choice(sorted({p["seed"] for p in points}))}
     search = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=args.max_concurrent)
     logger = MLflowTrialLogger(experiment_id=experiment_id, parent_run_id=parent_run_id,
-                               describer=TrialDescriber.for_sweep(MEMBER_KIND, context))
-    return build_tuner(args, location, context, logger, resumed=resumed, param_space=space,
+                               describer=TrialDescriber.for_sweep(MEMBER_KIND, context), tune_name=location.name)
+    return build_tuner(args, location, context, logger, client, resumed=resumed, param_space=space,
                        tune_options={"search_alg": search, "num_samples": len(points), "max_concurrent_trials": None},
-                       progress_parameters=[ARM_KEY, "seed"], checkpoint_config=CHECKPOINTS)
+                       progress_parameters=[ARM_KEY, "seed"], keep_best=True)
 
 
 def member_of(result: tune.Result, specs: Sequence[MemberSpec]) -> TrainedMember:
@@ -69,13 +69,14 @@ def member_of(result: tune.Result, specs: Sequence[MemberSpec]) -> TrainedMember
     history = [by_epoch[epoch] for epoch in sorted(by_epoch)]
     epoch = select_epoch(history)
     # Tune numbers a trial's checkpoints from 0 and every epoch reports one (a restored trial continues the count);
-    # named by folder, not by the metrics Tune keeps with it (which TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE cuts)
-    kept = {Path(checkpoint.path).name: checkpoint for checkpoint, _ in result.best_checkpoints}
-    wanted = f"checkpoint_{epoch - 1:06d}"
-    if wanted not in kept:
-        raise RuntimeError(f"member {spec.name}: Tune kept {', '.join(sorted(kept))}, not {wanted} of the selected "
-                           f"epoch {epoch}")
-    with kept[wanted].as_directory() as folder:
+    # named by folder, not by the metrics Tune keeps with it (which TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE cuts).
+    # Tune ranks them by validation mean AUC (ascending), the best last: the one CheckpointRetention kept.
+    ranked = [checkpoint for checkpoint, _ in result.best_checkpoints]
+    wanted, best = f"checkpoint_{epoch - 1:06d}", Path(ranked[-1].path).name if ranked else None
+    if best != wanted:
+        raise RuntimeError(f"member {spec.name}: the checkpoint kept as its best is {best}, not {wanted} of the "
+                           f"selected epoch {epoch}")
+    with ranked[-1].as_directory() as folder:
         return read_checkpoint(spec, by_epoch[epoch], Path(folder), history)
 
 

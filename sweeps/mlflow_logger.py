@@ -13,9 +13,14 @@ continued by `--resume`, keeps its run; epochs already logged for a run are skip
   FAILED    with tag error=<last line of the error>, and error.txt as an artifact
 Every child run is also tagged with where its trial ran: device (`cpu` or the CUDA device name), node,
 torch_version, timm_version, cuda_version, python_version.
+
+It also keeps the digests of Tune's saved state on the parent run (see tune_state): Tune asks callbacks for
+their state while it saves the experiment, after writing the other state files to its local staging folder and
+before uploading them to the storage, which is where this logger records them.
 """
 from __future__ import annotations
 
+import glob
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from ray.train.constants import _get_ray_train_session_dir
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS, DONE, TRAINING_ITERATION
@@ -32,6 +38,7 @@ from trainable.tune import WHERE_KEY
 
 from .naming import TrialDescriber, trial_run_name
 from .tracking import PARENT_RUN_TAG
+from .tune_state import StateDigests
 
 STEP_KEY = "epoch"
 PROBE_METRIC = "val_auc_mean"           # its history tells which epochs a run already has
@@ -61,16 +68,19 @@ class MLflowTrialLogger(Callback):
     """Logs each trial to a child run of `parent_run_id`; the tracking URI is the driver's (mlflow.set_tracking_uri),
     so no credentials end up in Tune's pickled experiment state."""
 
-    def __init__(self, *, experiment_id: str, parent_run_id: str, describer: TrialDescriber):
+    def __init__(self, *, experiment_id: str, parent_run_id: str, describer: TrialDescriber,
+                 tune_name: str | None = None):
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
+        self.tune_name = tune_name                  # Tune's experiment name, when not the MLflow experiment's
         self.describer = describer
         self._client: MlflowClient | None = None
         self._runs: dict[str, _ChildRun] = {}      # open child runs of trials started in this session
         self._started: set[str] = set()             # every trial started in this session
+        self._digests: StateDigests | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "_runs": {}, "_started": set()}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_started": set(), "_digests": None}
 
     @property
     def client(self) -> MlflowClient:
@@ -79,6 +89,15 @@ class MLflowTrialLogger(Callback):
         return self._client
 
     # --- Tune hooks -----------------------------------------------------------------------------------------
+    def get_state(self) -> None:
+        """Called while Tune saves the experiment: record the state files it has just staged (returns no state
+        of its own, so Tune writes no callback-state file)."""
+        if self._digests is None:
+            self._digests = StateDigests.load(self.client, self.parent_run_id) or \
+                StateDigests(self.client, self.parent_run_id, {})
+        self._digests.add_folder(self._staging_folder())
+        return None
+
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._started.add(trial.trial_id)
         self._child(trial)
@@ -118,6 +137,10 @@ class MLflowTrialLogger(Callback):
         self.client.set_tag(child.run_id, "retries", str(trial.num_failures))
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        # Tune would unpickle the error.pkl it wrote, from the storage, for the result grid: the text error.txt
+        # (what error= and error.txt report anyway) is read instead
+        trial.run_metadata.pickled_error_filename = None
+        trial.run_metadata.invalidate_cache()
         child = self._runs.pop(trial.trial_id, None) or self._child(trial, keep=False)
         self._fail(child.run_id, trial)
 
@@ -149,6 +172,18 @@ class MLflowTrialLogger(Callback):
                 self._interrupted(run.info.run_id)
 
     # --- helpers ----------------------------------------------------------------------------------------------
+    def _staging_folder(self) -> Path:
+        """Tune's local staging folder of this experiment (`<Ray session>/artifacts/<time>/<name>/driver_artifacts`,
+        on the driver's own disk), where it writes its state before uploading it to the storage."""
+        name = self.tune_name or self.client.get_experiment(self.experiment_id).name
+        session = Path(_get_ray_train_session_dir())
+        found = max(session.glob(f"*/{glob.escape(name)}/driver_artifacts"), key=lambda f: f.stat().st_mtime,
+                    default=None)
+        if found is None:    # Ray laid out its staging differently: better no save than an unrecorded one
+            raise RuntimeError(f"no staging folder of experiment {name!r} under {session}: cannot record the "
+                               f"digests of Tune's state")
+        return found
+
     def _child(self, trial: Trial, *, keep: bool = True, create: bool = True) -> _ChildRun | None:
         """The trial's open child run: found by its trial_id tag (retry, resume) or created."""
         if trial.trial_id in self._runs:

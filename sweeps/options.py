@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
-from trainable.__main__ import add_data_arguments
 from trainable.config import TrialConfig
+from trainable.data.options import add_data_arguments
 
 LATEST = "latest"
 # What may differ when a sweep is resumed: where it runs and logs. Everything else (trial resources too: Tune
@@ -16,8 +17,8 @@ EXECUTION_OPTIONS = (*RESUMABLE_OPTIONS, "out", "storage", "resume", "overwrite"
 
 def non_negative_float(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    if not 0 <= value < math.inf:       # also refuses nan, which every comparison lets through
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
     return value
 
 

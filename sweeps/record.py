@@ -6,14 +6,16 @@ storage (NFS, s3://) rather than with the machine that started the sweep.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.fs
+from filelock import FileLock, Timeout
 
 from trainable.errors import ConfigError
 
@@ -87,19 +89,54 @@ class SweepLocation:
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"{self.path}/{RECORD_FILE}: not a sweep record ({err})") from None
 
-    def write(self, record: SweepRecord) -> None:
-        self.write_text(RECORD_FILE, json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
+    def write(self, record: SweepRecord) -> bytes:
+        return self.write_text(RECORD_FILE, json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
 
-    def write_text(self, file_name: str, text: str) -> None:
+    def write_text(self, file_name: str, text: str) -> bytes:
+        """Write a file into the sweep's folder; returns the bytes written."""
         fs, root = self._fs()
         fs.create_dir(root, recursive=True)
+        data = text.encode()
         with fs.open_output_stream(f"{root}/{file_name}") as stream:
-            stream.write(text.encode())
+            stream.write(data)
+        return data
+
+    def file_names(self) -> list[str]:
+        """Names of the files at the top of the sweep's folder."""
+        fs, root = self._fs()
+        return [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+                if info.type == pyarrow.fs.FileType.File]
+
+    def read_bytes(self, file_name: str) -> bytes:
+        fs, root = self._fs()
+        with fs.open_input_stream(f"{root}/{file_name}") as stream:
+            return stream.readall()
 
     def remove(self) -> None:
         fs, root = self._fs()
         if fs.get_file_info(root).type == pyarrow.fs.FileType.Directory:
             fs.delete_dir(root)
+
+
+@contextlib.contextmanager
+def sweep_lock(location: SweepLocation, out: Path) -> Iterator[None]:
+    """Held by the one driver running (or resuming) a sweep: a second driver of the same name is refused at once,
+    before either writes anything. The lock file sits beside the sweep's folder (on the storage, so drivers on
+    other machines sharing an NFS storage see it too), or in --out for an s3:// storage; the OS releases it when
+    a driver dies."""
+    folder = out.expanduser().resolve() if is_uri(location.storage) else Path(location.storage)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".{location.name}.lock"
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"sweep {location.name!r} is being run by another driver right now (it holds {path}); "
+                          f"wait for it to end (or stop it), or pick another --name") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def latest_sweep(storage: str, kind: str) -> str | None:

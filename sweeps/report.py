@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from ray.tune import ExperimentAnalysis, ResultGrid
+from ray.tune import ResultGrid
 from ray.tune.experiment import Trial
 
 METRIC, MODE = "val_auc_mean", "max"     # what searches optimise and tables rank by
@@ -24,6 +24,7 @@ class TrialOutcome:
     config: dict[str, Any]
     metrics: dict[str, Any]        # the trial's last reported result
     failed: bool
+    checkpoint: Any = None         # its last checkpoint (a tune.Checkpoint), if any
 
     @property
     def epoch(self) -> int:
@@ -40,17 +41,17 @@ class TrialOutcome:
 
 def outcomes(results: ResultGrid) -> list[TrialOutcome]:
     return [TrialOutcome(config=dict(result.config or {}), metrics=dict(result.metrics or {}),
-                         failed=result.error is not None) for result in results]
+                         failed=result.error is not None, checkpoint=result.checkpoint) for result in results]
 
 
-def unfinished_trials(experiment_path: str) -> list[str]:
+def unfinished_trials(saved: Iterable[Trial]) -> list[str]:
     """Names of the trials neither finished nor errored in the sweep's saved state: it was interrupted.
 
-    Read back from the storage because Tune's clean-up after an interruption reports every stopped trial as
-    TERMINATED in the ResultGrid; the state it saved just before that has the real statuses.
+    `saved`: the trials read back from the storage (ExperimentAnalysis), because Tune's clean-up after an
+    interruption reports every stopped trial as TERMINATED in the ResultGrid; the state it saved just before
+    that has the real statuses.
     """
-    return [str(trial) for trial in ExperimentAnalysis(experiment_path).trials
-            if trial.status not in (Trial.TERMINATED, Trial.ERROR)]
+    return [str(trial) for trial in saved if trial.status not in (Trial.TERMINATED, Trial.ERROR)]
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:

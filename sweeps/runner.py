@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -20,30 +21,39 @@ import mlflow
 import ray
 from mlflow import MlflowClient
 from ray import tune
-from ray.tune import CLIReporter
+from ray.tune import CLIReporter, ExperimentAnalysis
 
+from dashboards.commands import ABLATION_REPORT_SCRIPT, python_words, shell_join
 from search_spaces import OPTUNA_SPACE_FILE
-from trainable.__main__ import data_spec
-from trainable.config import parse_overrides
-from trainable.data.cache import check_png_files
+from trainable.data.options import data_spec
+from trainable.config import TrialConfig, parse_overrides
+from trainable.data.cache import check_cache_space, check_png_files
 from trainable.data.nih import PreparedData, prepare_dataset
-from trainable.errors import ConfigError, UserError
-from trainable.tune import TrialContext, run_trial
+from trainable.errors import ConfigError, UserError, out_of_space
+from trainable.runtime import default_cache_dir
+from trainable.tune import ARM_KEY, TrialContext, resolve_config, run_trial
 
+from .cache_warmup import trial_image_sizes, warm_node_caches
 from .catalog import describe
+from .checkpoint_retention import SMALL_BOOKKEEPING_ENV, CheckpointRetention, keep_latest_checkpoints
 from .cluster import check_resources, check_shared_storage, start_ray
 from .demo import demo_data
-from .failures import NoRetryForDeterministic, cause_of, is_bad_input, registry_name, start_registry
+from .failures import NoRetryForDeterministic, bad_input_reason, is_bad_input, registry_name, start_registry
 from .mlflow_logger import FAILED, FINISHED, KILLED, MLflowTrialLogger
 from .naming import TrialDescriber, tune_trial_dirname, tune_trial_name
 from .options import EXECUTION_OPTIONS, LATEST, apply_defaults, build_parser
-from .record import SweepLocation, SweepRecord, check_name, default_name, latest_sweep, storage_root
-from .report import METRIC, SweepReport, unfinished_trials
-from .tracking import SweepRun, artifact_location, connect, git_commit, mask_secrets, resolve_tracking_uri, ui_command
+from .record import (RECORD_FILE, TUNER_FILE, SweepLocation, SweepRecord, check_name, default_name, latest_sweep,
+                     storage_root, sweep_lock)
+from .report import METRIC, MODE, SweepReport, unfinished_trials
+from .tracking import (SweepRun, artifact_location, connect, credentials_hidden, git_commit, mask_secrets,
+                       recorded_parent_run, resolve_tracking_uri, ui_command)
+from .tune_state import RECENT, check_restorable, check_unchanged, record_written
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_METRICS = {"epoch": "epoch", "val_loss": "val loss", METRIC: "AUC", "val_f1_mean": "F1"}
 PROGRESS_EVERY_S = 30
+SAVE_PERIOD_ENV = "TUNE_GLOBAL_CHECKPOINT_S"   # how often Tune saves the experiment's state (default: 10 s or more)
+TUNE_MIN_SAVE_PERIOD_S, FINAL_SAVE_PERIOD_S = 10.0, 2.0
 
 
 class SweepKind(Protocol):
@@ -58,11 +68,11 @@ class SweepKind(Protocol):
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None: ...
     def param_space(self) -> dict[str, Any]: ...
-    def tune_options(self) -> dict[str, Any]: ...
+    def tune_options(self, location: SweepLocation) -> dict[str, Any]: ...
     def context(self, data: PreparedData, cache_dir: str | None) -> TrialContext: ...
     def describer(self, context: TrialContext) -> TrialDescriber: ...
-    def report(self, results: tune.ResultGrid, *, title: str, epochs: int, describer: TrialDescriber
-               ) -> SweepReport: ...
+    def report(self, results: tune.ResultGrid, *, title: str, epochs: int, describer: TrialDescriber,
+               report_command: str) -> SweepReport: ...
 
 
 @dataclass
@@ -89,7 +99,14 @@ def main(kind: type, argv: list[str] | None = None) -> int:
         if args.list:
             print(describe(getattr(args, "arms_file", None), getattr(args, "space_file", None) or OPTUNA_SPACE_FILE))
             return 0
-        return run(prepare(kind, args, parser))
+        with contextlib.ExitStack() as held:     # the sweep's lock, for as long as this driver runs it
+            return run(prepare(kind, args, parser, held))
+    except OSError as err:
+        full = out_of_space(err, f"--out {args.out}" + (f" / --storage {args.storage}" if args.storage else ""))
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return 2
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -97,10 +114,18 @@ def main(kind: type, argv: list[str] | None = None) -> int:
 
 # --- before Ray -----------------------------------------------------------------------------------------------
 
-def prepare(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParser) -> Sweep:
+def prepare(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParser,
+            held: contextlib.ExitStack) -> Sweep:
     """Every check that needs no cluster, then the data split (written into OUT/<name>/)."""
     out = Path(args.out)
-    location, record = _locate(kind.kind, args, parser, storage_root(args.storage, out))
+    location, record = _locate(kind.kind, args, storage_root(args.storage, out), out, held)
+    uri = resolve_tracking_uri(args.mlflow_uri, out)
+    client = None
+    if record is not None:   # before anything of the record is used: its files are the driver's own
+        client = connect(uri)
+        verify_resumable(client, uri, location, record)
+        adopt_arguments(args, parser, record)
+        print(f"resuming {kind.kind} {location.name!r} from {location.path}", flush=True)
     if args.demo and args.data is None:
         args.data = str(demo_data(out))
     if args.data is None:
@@ -113,8 +138,7 @@ def prepare(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParse
     if record is not None and record.plan != plan.plan_record:
         raise ConfigError(f"--resume {location.name}: the arms or search space changed since the sweep started "
                           f"(see plan in {location.path}/sweep.json); resume with the same files")
-    uri = resolve_tracking_uri(args.mlflow_uri, out)
-    client = connect(uri)
+    client = client or connect(uri)
     if args.overwrite and record is None:
         location.remove()
         shutil.rmtree(out / location.name, ignore_errors=True)
@@ -123,43 +147,68 @@ def prepare(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParse
     if record is not None and record.data.get("fingerprint") != data.fingerprint:
         raise ConfigError(f"--resume {location.name}: the data changed since the sweep started (fingerprint "
                           f"{data.fingerprint}, recorded {record.data.get('fingerprint')})")
+    _check_cache_space(plan.context(data, args.cache_dir))
     return Sweep(args=args, plan=plan, location=location, record=record, uri=uri, client=client, data=data)
 
 
-def _locate(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParser, storage: str
+def _locate(kind: str, args: argparse.Namespace, storage: str, out: Path, held: contextlib.ExitStack
             ) -> tuple[SweepLocation, SweepRecord | None]:
-    """The sweep's folder; on --resume also its record, whose arguments replace the command line's."""
+    """The sweep's folder, locked for this driver; on --resume also its record."""
     if not args.resume:
         location = SweepLocation(storage, check_name(args.name or default_name(kind)))
+        held.enter_context(sweep_lock(location, out))
         if location.exists() and not args.overwrite:
             raise ConfigError(f"sweep {location.name!r} already exists in {storage}: --resume {location.name} "
                               f"continues it, --overwrite replaces it, --name picks another name")
         return location, None
-    return locate_resumed(kind, args, parser, storage)
+    return locate_resumed(kind, args, storage, out, held)
 
 
-def locate_resumed(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParser, storage: str
+def locate_resumed(kind: str, args: argparse.Namespace, storage: str, out: Path, held: contextlib.ExitStack
                    ) -> tuple[SweepLocation, SweepRecord]:
-    """The folder and record of the run `--resume` names (or the latest of this kind); the recorded arguments
-    replace the command line's, and one given here that differs from them is refused."""
+    """The folder (locked for this driver) and record of the run `--resume` names (or the latest of this kind).
+    Nothing of the record is trusted yet: verify_resumable, then adopt_arguments."""
     name = latest_sweep(storage, kind) if args.resume == LATEST else args.resume
     if name is None:
         raise ConfigError(f"--resume: no {kind} sweep in {storage} to resume (give --out/--storage of the sweep)")
     location = SweepLocation(storage, check_name(name))
+    held.enter_context(sweep_lock(location, out))
     record = location.read()
-    if record is None or record.kind != kind:
+    if record is None or record.kind != kind or record.name != name:
         raise ConfigError(f"--resume {name}: no {kind} sweep recorded at {location.path}/sweep.json")
     if not tune.Tuner.can_restore(location.path):
         raise ConfigError(f"--resume {name}: {location.path} holds no Tune state (the sweep stopped before Tune "
                           f"started); start it again with --name {name} --overwrite")
+    return location, record
+
+
+def verify_resumable(client: MlflowClient, uri: str, location: SweepLocation, record: SweepRecord,
+                     experiment: str | None = None) -> None:
+    """Before anything of a resumed run's record is used: its parent run exists (in the MLflow experiment named
+    after the run, or `experiment`) and its state files are the driver's own (tune_state)."""
+    parent = recorded_parent_run(client, location.name, record.mlflow.get("experiment_id"),
+                                 record.mlflow.get("parent_run_id"), uri, experiment)
+    check_restorable(client, location, parent)
+
+
+def adopt_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser, record: SweepRecord) -> None:
+    """A resumed sweep's recorded arguments replace the command line's (only the resumable options may differ)."""
     for key, recorded in record.arguments.items():
         current = getattr(args, key, None)
         if current != parser.get_default(key) and current != recorded:
-            raise ConfigError(f"--resume {name}: --{key.replace('_', '-')} {current!r} differs from the sweep's "
-                              f"{recorded!r}; a resumed sweep keeps its arguments")
+            raise ConfigError(f"--resume {record.name}: --{key.replace('_', '-')} {current!r} differs from the "
+                              f"sweep's {recorded!r}; a resumed sweep keeps its arguments")
         setattr(args, key, recorded)
-    print(f"resuming {kind} {name!r} from {location.path}", flush=True)
-    return location, record
+
+
+def _check_cache_space(context: TrialContext) -> None:
+    """The decode-once caches of every image size the sweep's trials use must fit the cache folder's disk (checked
+    on the driver's node; trials on other nodes meet a full disk as a one-line error of their own)."""
+    sizes = {resolve_config({ARM_KEY: arm}, context).image_size for arm in context.arms} or \
+        {TrialConfig.from_dict(context.base_config).image_size}
+    check_cache_space(context.cache_dir or default_cache_dir(),
+                      [(f"{context.data.fingerprint}-{split}", context.data.subset(split)["path"].tolist(), size)
+                       for split in ("train", "val") for size in sorted(sizes)])
 
 
 def _sweep_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -191,21 +240,27 @@ def run(sweep: Sweep) -> int:
           f"images per split {sizes}", flush=True)
     for note in sweep.data.notes():
         print(note, flush=True)
-    with cluster_session(sweep.args, sweep.location):
+    context = sweep.plan.context(sweep.data, sweep.args.cache_dir)
+    with cluster_session(sweep.args, sweep.location, context, getattr(sweep.plan, "space", None)):
         parent = _reopen_parent(sweep) if sweep.resumed else _start_parent(sweep)
         mlflow.set_tracking_uri(sweep.uri)   # read by the logger callback; never pickled into Tune's state
         return _fit(sweep, parent)
 
 
 @contextlib.contextmanager
-def cluster_session(args: argparse.Namespace, location: SweepLocation) -> Iterator[None]:
-    """Ray joined (or started), checked for the run's storage and trial resources, with the run's no-retry
-    registry held for as long as the block runs; Ray is shut down on the way out."""
-    start_ray(args.address)
+def cluster_session(args: argparse.Namespace, location: SweepLocation, context: TrialContext,
+                    search_space: Any = None) -> Iterator[None]:
+    """Ray joined (or started), checked for the run's storage and trial resources, every node's image cache built
+    for the trials of `context`, and the run's no-retry registry held for as long as the block runs; Ray is shut
+    down on the way out."""
+    with credentials_hidden():   # a local Ray's workers inherit the driver's environment; trials need no MLflow
+        start_ray(args.address)
     try:
         check_shared_storage(location.storage, storage_given=args.storage is not None)
         check_resources(args.cpus_per_trial, args.gpus_per_trial)
         registry = start_registry(location.name)  # noqa: F841 - held: the actor lives as long as this handle
+        # every node's image cache before any trial: trials then only map it (and a bad PNG fails here, once)
+        warm_node_caches(context.data, trial_image_sizes(context, search_space), args.cache_dir)
         yield
     finally:
         ray.shutdown()
@@ -223,12 +278,13 @@ def _start_parent(sweep: Sweep) -> SweepRun:
             "ray_version": ray.__version__}
     parent = SweepRun.start(sweep.client, location.name, artifact_root=artifact_location(sweep.uri, Path(args.out)),
                             params=params, tags=tags, replace=args.overwrite)
-    location.write(SweepRecord(
+    written = location.write(SweepRecord(
         kind=sweep.plan.kind, name=location.name, plan=sweep.plan.plan_record,
         arguments={key: value for key, value in vars(args).items() if key not in EXECUTION_OPTIONS},
         data={"fingerprint": data.fingerprint, "synthetic": data.synthetic, "sizes": data.split_sizes()},
         mlflow={"experiment_id": parent.experiment_id, "parent_run_id": parent.parent_run_id,
                 "tracking_uri": mask_secrets(sweep.uri)}))
+    record_written(sweep.client, parent.parent_run_id, {RECORD_FILE: written})
     return parent
 
 
@@ -240,39 +296,59 @@ def _reopen_parent(sweep: Sweep) -> SweepRun:
 def _tuner(sweep: Sweep, parent: SweepRun, context: TrialContext, describer: TrialDescriber) -> tune.Tuner:
     logger = MLflowTrialLogger(experiment_id=parent.experiment_id, parent_run_id=parent.parent_run_id,
                                describer=describer)
-    return build_tuner(sweep.args, sweep.location, context, logger, resumed=sweep.resumed,
-                       param_space=sweep.plan.param_space(), tune_options=sweep.plan.tune_options(),
+    return build_tuner(sweep.args, sweep.location, context, logger, sweep.client, resumed=sweep.resumed,
+                       param_space=sweep.plan.param_space(), tune_options=sweep.plan.tune_options(sweep.location),
                        progress_parameters=sweep.plan.progress_parameters)
 
 
 def build_tuner(args: argparse.Namespace, location: SweepLocation, context: TrialContext, logger: MLflowTrialLogger,
-                *, resumed: bool, param_space: dict[str, Any], tune_options: dict[str, Any],
-                progress_parameters: list[str], checkpoint_config: tune.CheckpointConfig | None = None
-                ) -> tune.Tuner:
+                client: MlflowClient, *, resumed: bool, param_space: dict[str, Any], tune_options: dict[str, Any],
+                progress_parameters: list[str], keep_best: bool = False) -> tune.Tuner:
     """The Tuner of every run of trials (sweeps, final training): trainable.tune.run_trial with the run's
-    resources, the MLflow logger and no-retry callbacks, Tune's progress table, retries and checkpoints."""
+    resources, the MLflow logger, no-retry and checkpoint-retention callbacks, the progress table and retries.
+    keep_best: each trial's best checkpoint by validation mean AUC is kept too (final training selects it)."""
     # tune.with_parameters sends the context (split table included) through the object store once
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     # The new output engine ignores a passed-in progress reporter; the CLIReporter shows arm/seed and AUC/F1.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    # num_to_keep makes Tune save its state at every checkpoint, which resume wants; Tune would warn about it.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if resumed:   # Tune's saved state has the rest, the MLflow logger included
+    os.environ.setdefault(SMALL_BOOKKEEPING_ENV, "1")     # Tune's saved state: a path per older checkpoint
+    recent = RECENT
+    if keep_best:
+        # Final training: few trials, long epochs. Tune saves their state every few seconds instead of every 10 s
+        # or more, so that a killed run resumes each member from its latest epoch; CheckpointRetention then counts
+        # as many more saves, to keep the same time for an upload to reach the storage.
+        os.environ.setdefault(SAVE_PERIOD_ENV, str(FINAL_SAVE_PERIOD_S))
+        recent = RECENT * math.ceil(TUNE_MIN_SAVE_PERIOD_S / max(float(os.environ[SAVE_PERIOD_ENV]), 0.1))
+    if resumed:   # Tune's saved state (verified before) has the rest, the MLflow logger included
         return tune.Tuner.restore(location.path, trainable=trainable, resume_errored=True)
     no_retry = NoRetryForDeterministic(location.name, args.max_failures)
-    return tune.Tuner(
+    tuner = tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(**{"max_concurrent_trials": args.max_concurrent or None, **tune_options},
                                     reuse_actors=True, trial_name_creator=tune_trial_name,
                                     trial_dirname_creator=tune_trial_dirname),
         run_config=tune.RunConfig(
-            name=location.name, storage_path=location.storage, callbacks=[logger, no_retry], verbose=1,
-            progress_reporter=CLIReporter(parameter_columns=progress_parameters, metric_columns=PROGRESS_METRICS,
-                                          max_report_frequency=PROGRESS_EVERY_S),
+            name=location.name, storage_path=location.storage, verbose=1,
+            # older checkpoints go by CheckpointRetention: CheckpointConfig(num_to_keep) races Tune's uploads
+            callbacks=[logger, no_retry, CheckpointRetention(keep_best=keep_best, recent=recent)],
+            progress_reporter=SweepProgress(parameter_columns=progress_parameters,
+                                            metric_columns=PROGRESS_METRICS, max_report_frequency=PROGRESS_EVERY_S),
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            # the latest checkpoint is all that retries, resume and the MLflow artifacts need
-            checkpoint_config=checkpoint_config or tune.CheckpointConfig(num_to_keep=1)))
+            # a score attribute only ranks the checkpoints (Tune deletes none without num_to_keep)
+            checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE)
+            if keep_best else None))
+    # Tune has just written tuner.pkl straight to the storage; the logger records the state it saves later
+    record_written(client, logger.parent_run_id, {TUNER_FILE: location.read_bytes(TUNER_FILE)})
+    return tuner
+
+
+class SweepProgress(CLIReporter):
+    """Tune's progress table without its `Result logdir:` line, which points into Ray's session folder: the
+    sweep's files are where the driver prints at the end (`files:`)."""
+
+    def _print(self, msg: str) -> None:
+        super()._print("\n".join(line for line in msg.splitlines() if not line.startswith("Result logdir:")))
 
 
 def _fit(sweep: Sweep, parent: SweepRun) -> int:
@@ -285,7 +361,12 @@ def _fit(sweep: Sweep, parent: SweepRun) -> int:
         parent.set_tags({"error": f"{type(err).__name__}: {err}"[:500]})
         parent.end(KILLED if isinstance(err, KeyboardInterrupt) else FAILED)
         raise
-    unfinished = unfinished_trials(sweep.location.path)
+    try:
+        unfinished = settle(sweep.client, sweep.location, parent.parent_run_id)
+    except ConfigError as err:
+        parent.set_tags({"error": str(err)[:500]})
+        parent.end(FAILED)
+        raise
     if unfinished:
         _interrupted(sweep, parent, unfinished)
     else:
@@ -295,11 +376,22 @@ def _fit(sweep: Sweep, parent: SweepRun) -> int:
     return exit_code(results, unfinished)
 
 
+def settle(client: MlflowClient, location: SweepLocation, parent_run_id: str, *, keep_best: bool = False
+           ) -> list[str]:
+    """After Tuner.fit: the names of the trials left unfinished, read back from the state on the storage (checked
+    to be the driver's own first: it holds pickles), whose older checkpoints are then deleted (see
+    keep_latest_checkpoints; keep_best as in build_tuner)."""
+    check_unchanged(client, location, parent_run_id)
+    saved = ExperimentAnalysis(location.path).trials    # fit() returned: its final save was waited for
+    keep_latest_checkpoints(saved, keep_best=keep_best)
+    return unfinished_trials(saved)
+
+
 def exit_code(results: tune.ResultGrid, unfinished: list[str]) -> int:
     """0: every trial finished; 2: some trial failed on bad input (config, data, weights); 1: otherwise."""
     bad = [result for result in results if result.error is not None and is_bad_input(result.error)]
     if bad:
-        first = " ".join(str(cause_of(bad[0].error)).split())[:300]
+        first = bad_input_reason(bad[0].error)[:300]
         print(f"error: {len(bad)} trial(s) failed on bad input, each once (not retried); first: {first}",
               file=sys.stderr, flush=True)
         return 2
@@ -309,7 +401,10 @@ def exit_code(results: tune.ResultGrid, unfinished: list[str]) -> int:
 def _report(sweep: Sweep, parent: SweepRun, results: tune.ResultGrid, describer: TrialDescriber) -> None:
     synthetic = " — SYNTHETIC data (generated, not NIH)" if sweep.data.synthetic else ""
     title = f"{sweep.plan.kind} {sweep.location.name!r}{synthetic} — data {sweep.data.fingerprint}"
-    report = sweep.plan.report(results, title=title, epochs=sweep.args.epochs, describer=describer)
+    report_command = shell_join([*python_words(ABLATION_REPORT_SCRIPT), "--sweep", sweep.location.name,
+                                 "--mlflow-uri", mask_secrets(sweep.uri)])
+    report = sweep.plan.report(results, title=title, epochs=sweep.args.epochs, describer=describer,
+                               report_command=report_command)
     print("\n" + report.text, flush=True)
     for file_name, text in {**report.files, f"{sweep.plan.kind}_summary.txt": report.text + "\n"}.items():
         sweep.location.write_text(file_name, text)
@@ -322,6 +417,7 @@ def _interrupted(sweep: Sweep, parent: SweepRun, unfinished: list[str]) -> None:
     # A table over partly trained trials would mislead; the resumed sweep prints the complete one.
     parent.set_tags({"interrupted": "true"})
     parent.end(KILLED)
-    where = f" --out {sweep.args.out}" + (f" --storage {sweep.args.storage}" if sweep.args.storage else "")
+    where = ["--out", sweep.args.out, *(["--storage", sweep.args.storage] if sweep.args.storage else [])]
+    resume = shell_join([*python_words(f"sweeps/run_{sweep.plan.kind}.py"), "--resume", sweep.location.name, *where])
     print(f"\ninterrupted with {len(unfinished)} trial(s) unfinished ({', '.join(unfinished)}); continue with:\n"
-          f"  python sweeps/run_{sweep.plan.kind}.py --resume {sweep.location.name}{where}", flush=True)
+          f"  {resume}", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from typing import Any, Callable
 
 import optuna
@@ -22,6 +23,7 @@ from trainable.tune import TrialContext
 from .cluster import check_weight_files
 from .demo import SEARCH_DEMO
 from .naming import TrialDescriber, trial_run_name
+from .record import SweepLocation
 from .report import METRIC, MODE, SweepReport, TrialOutcome, fmt, format_table, outcomes
 
 DESCRIPTION = """Search: Optuna TPE over search_spaces/optuna_space.yaml with an ASHA scheduler, --num-samples trials,
@@ -112,8 +114,8 @@ class Search:
             raise ConfigError(f"--num-samples {args.num_samples}: expected at least 1")
         if not 1 <= args.grace_period <= args.epochs:
             raise ConfigError(f"--grace-period {args.grace_period}: expected 1..--epochs ({args.epochs})")
-        if args.reduction_factor <= 1:
-            raise ConfigError(f"--reduction-factor {args.reduction_factor:g}: expected a number above 1")
+        if not 1 < args.reduction_factor < math.inf:
+            raise ConfigError(f"--reduction-factor {args.reduction_factor:g}: expected a finite number above 1")
         space_file = args.space_file or OPTUNA_SPACE_FILE
         space = load_optuna_space(space_file)
         self.space = space.without(sweep_overrides)
@@ -138,7 +140,7 @@ class Search:
     def param_space(self) -> dict[str, Any]:
         return {}   # the searcher proposes every config
 
-    def tune_options(self) -> dict[str, Any]:
+    def tune_options(self, location: SweepLocation | None = None) -> dict[str, Any]:   # location: unused here
         # With a define-by-run space OptunaSearch needs metric and mode itself; TuneConfig gets them too.
         searcher = PruningAwareOptunaSearch(DefineByRun(self.space), metric=METRIC, mode=MODE,
                                             sampler=optuna.samplers.TPESampler(seed=self.args.search_seed),
@@ -154,7 +156,8 @@ class Search:
     def describer(self, context: TrialContext) -> TrialDescriber:
         return TrialDescriber.for_sweep(self.kind, context)
 
-    def report(self, results: tune.ResultGrid, *, title: str, epochs: int, describer: TrialDescriber) -> SweepReport:
+    def report(self, results: tune.ResultGrid, *, title: str, epochs: int, describer: TrialDescriber,
+               report_command: str) -> SweepReport:
         """Trials ranked by final val_auc_mean, full-budget trials first; the best full-budget one is the answer
         (a pruned trial's early value is not comparable with a trial trained to the end)."""
         trials = sorted((t for t in outcomes(results) if not t.failed),
@@ -173,7 +176,9 @@ class Search:
         best = full[0]
         config = describer.config(best.config)
         lines += [f"best: {_name(best)} with val_auc_mean {fmt(best.value(METRIC))} (single-split validation); "
-                  f"its full config is {BEST_CONFIG_FILE}"]
+                  f"its full config is {BEST_CONFIG_FILE}", "",
+                  "Factor importance, and the ablation that re-runs the top configs with several seeds, are in the "
+                  "search report:", f"  {report_command}"]
         tags = {"failed_trials": str(failed), "best_trial": _name(best), "best_val_auc_mean": fmt(best.value(METRIC), 4),
                 "best_config": json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))}
         return SweepReport(text="\n".join(lines), tags=tags, files={BEST_CONFIG_FILE: config.to_json() + "\n"})

@@ -1,93 +1,29 @@
-"""MLflow for a sweep: which tracking store, whether it answers, and the sweep's experiment and parent run.
-
-The embedded default is one SQLite file written only by the driver (see mlflow_logger), so it never has
-concurrent writers; `--mlflow-uri` / MLFLOW_TRACKING_URI points at a tracking server for shared use.
-"""
+"""The writing side of a sweep's MLflow: its experiment and parent run (which store, and whether it answers, is
+dashboards.mlflow_store, shared with the reports)."""
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import re
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from mlflow import MlflowClient
-from mlflow.entities import Param, RunStatus, RunTag, ViewType
+from mlflow.entities import Param, Run, RunStatus, RunTag, ViewType
 
+from dashboards.commands import mlflow_ui_words, shell_join
+from dashboards.mlflow_store import (  # noqa: F401 - the sweeps' names for the store they write
+    ARTIFACTS_DIR, DB_FILE, PARENT_RUN_TAG, RUN_NAME_TAG, artifact_location, connect, credentials_hidden,
+    is_embedded, mask_secrets, resolve_tracking_uri)
 from trainable.errors import ConfigError
 
-DB_FILE = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
-PROBE_TIMEOUT_S = "10"
-PARENT_RUN_TAG = "mlflow.parentRunId"
-RUN_NAME_TAG = "mlflow.runName"
 # MLflow caps a param value at 6000 characters; longer ones (e.g. a long --arms list) are cut with a marker.
 MAX_PARAM_CHARS = 6000
 
-_USERINFO = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
-_SECRET_QUERY = re.compile(
-    r"(?i)([?&;][\w.-]*(?:token|password|pwd|secret|key|sig|signature|credential)[\w.-]*=)[^&;\s]+")
-
-
-def mask_secrets(text: str) -> str:
-    """Hide the password of user:password@ and token-like query values in a URI before printing or logging."""
-    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1:***@", text))
-
-
-def resolve_tracking_uri(cli_uri: str | None, out: Path) -> str:
-    """--mlflow-uri, else MLFLOW_TRACKING_URI, else a SQLite file in the output folder."""
-    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{(out.expanduser().resolve() / DB_FILE).as_posix()}"
-
-
-def is_embedded(uri: str) -> bool:
-    return uri.startswith("sqlite:")
-
-
-def artifact_location(uri: str, out: Path) -> str | None:
-    """Artifacts of the embedded store go beside it; a tracking server decides its own."""
-    return (out.expanduser().resolve() / ARTIFACTS_DIR).as_uri() if is_embedded(uri) else None
-
 
 def ui_command(uri: str) -> str:
+    """How to browse the store, as a command that runs as pasted (this environment's mlflow)."""
     if is_embedded(uri):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return shell_join(mlflow_ui_words(uri))
     return f"open {mask_secrets(uri)} in a browser (the tracking server serves the UI)"
-
-
-@contextlib.contextmanager
-def _quick_failure() -> Iterator[None]:
-    # MLflow retries an unreachable server for minutes by default; the start-up probe should fail in seconds.
-    saved = {key: os.environ.get(key) for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=PROBE_TIMEOUT_S)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def connect(uri: str) -> MlflowClient:
-    """A client for the store, after checking that it answers (and creating the SQLite file if needed)."""
-    if is_embedded(uri):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
-    client = MlflowClient(tracking_uri=uri)
-    with _quick_failure():
-        try:
-            client.search_experiments(max_results=1)
-        except Exception as err:  # noqa: BLE001 - any failure here means "cannot use this store"
-            reason = mask_secrets(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-            raise ConfigError(f"--mlflow-uri {mask_secrets(uri)}: the MLflow tracking store does not answer "
-                              f"({reason[:300]}); start the server or pass another --mlflow-uri") from None
-    return client
 
 
 def git_commit(repo: Path) -> str:
@@ -128,15 +64,9 @@ class SweepRun:
 
     @classmethod
     def reopen(cls, client: MlflowClient, name: str, experiment_id: str, parent_run_id: str,
-               uri: str) -> "SweepRun":
-        """The parent run of a sweep being resumed, RUNNING again."""
-        try:
-            run = client.get_run(parent_run_id)
-        except Exception:  # noqa: BLE001 - MLflow raises its own exception types per store
-            run = None
-        if run is None or run.info.experiment_id != experiment_id:
-            raise ConfigError(f"--resume {name}: its parent run {parent_run_id} is not in the MLflow store "
-                              f"{mask_secrets(uri)}; resume with the --mlflow-uri the sweep started with")
+               uri: str, experiment: str | None = None) -> "SweepRun":
+        """The parent run of a sweep being resumed, RUNNING again (`experiment`: as in recorded_parent_run)."""
+        run = recorded_parent_run(client, name, experiment_id, parent_run_id, uri, experiment)
         resumes = int(run.data.tags.get("resumes", "0")) + 1
         client.update_run(parent_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         client.set_tag(parent_run_id, "resumes", str(resumes))
@@ -150,6 +80,21 @@ class SweepRun:
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.parent_run_id, status=status)
+
+
+def recorded_parent_run(client: MlflowClient, name: str, experiment_id: str, parent_run_id: str, uri: str,
+                        experiment: str | None = None) -> Run:
+    """The parent run sweep.json names, checked to be a run of the sweep's own experiment (named `name`, unless
+    `experiment` names it: final training's runs share one)."""
+    try:
+        run = client.get_run(parent_run_id)
+        found = client.get_experiment(run.info.experiment_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception types per store
+        run = found = None
+    if run is None or run.info.experiment_id != experiment_id or found.name != (experiment or name):
+        raise ConfigError(f"--resume {name}: its parent run {parent_run_id} is not in the MLflow store "
+                          f"{mask_secrets(uri)}; resume with the --mlflow-uri the sweep started with")
+    return run
 
 
 def _experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:

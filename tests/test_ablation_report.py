@@ -1,7 +1,9 @@
 """ablation_report end to end against a real SQLite MLflow store laid out as sweeps/ writes it: files written and
-logged on the parent run, verdicts right on planted effects; a search sweep's importance and re-run command."""
+logged on the parent run, verdicts right on planted effects, the same table from prediction files (--predictions)
+as from MLflow; the planner; a search sweep's importance and re-run command."""
 import dataclasses
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +14,11 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from dashboards import ablation_report
-from dashboards.effects import HELPS, HURTS, MEAN, NO_EFFECT
+from dashboards import ablation_report, plan_sweep
+from dashboards.effects import HELPS, HURTS, MEAN, NOT_ESTIMABLE, PRIMARY, SECONDARY
+from dashboards.evidence import config_evidence
 from dashboards.simulate import simulate_sweep
-from dashboards.sweep_reader import PREDICTIONS_FILE, THRESHOLDS_FILE
+from dashboards.sweep_reader import PREDICTIONS_FILE, THRESHOLDS_FILE, open_sweep
 from search_spaces import OPTUNA_SPACE_FILE, load_arms, load_optuna_space
 from sweeps.tracking import PARENT_RUN_TAG, SweepRun
 from trainable.config import TrialConfig
@@ -23,6 +26,9 @@ from trainable.findings import FINDINGS
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = {"baseline": "baseline", "effusion_up": "loss", "cardiomegaly_down": "optimizer", "twin": "augmentation"}
+# the search's data options, as its parent run records its arguments (every one away from its default)
+SEARCH_DATA = {"data": "/data/nih x", "split": "patient", "val_fraction": 0.3, "test_fraction": 0.25, "split_seed": 7,
+               "view": "PA", "max_images": 500, "skip_missing": True}
 
 
 def flat_config(**overrides) -> dict:
@@ -63,21 +69,24 @@ def store(tmp_path_factory):
     signals = {arm: np.ones(len(FINDINGS)) for arm in ARMS}
     signals["effusion_up"][FINDINGS.index("Effusion")] += 1.5
     signals["cardiomegaly_down"][FINDINGS.index("Cardiomegaly")] -= 1.5
-    simulated = simulate_sweep(signals, n_seeds=2, n_images=1500, prevalence_floor=0.05, seed=21)
-    ablation = SweepRun.start(client, "ablation-test", artifact_root=artifacts, params={"epochs": 2, "seeds": 2},
+    simulated = simulate_sweep(signals, n_seeds=3, n_images=1500, prevalence_floor=0.05, seed=21)
+    ablation = SweepRun.start(client, "ablation-test", artifact_root=artifacts,
+                              params={"epochs": 2, "seeds": 3, "cpus_per_trial": 1.0, "gpus_per_trial": 0.0},
                               tags={"kind": "ablation", "data": "SYNTHETIC", "data_fingerprint": "f00"})
     for arm, trials in simulated.items():
         for seed, trial in enumerate(trials):
             files = write_predictions(root / f"{arm}-s{seed}", trial)
             child_run(client, ablation, f"{arm}-s{seed}",
                       {"kind": "ablation", "trial_id": f"{arm}{seed}", "seed": str(seed), "arm": arm,
-                       "factor": ARMS[arm]}, flat_config(seed=seed, epochs=2), {"val_auc_mean": 0.8}, files=files)
+                       "factor": ARMS[arm]}, flat_config(seed=seed, epochs=2),
+                      {"val_auc_mean": 0.8, "epoch_seconds": 30.0 + seed}, files=files)
     child_run(client, ablation, "broken-s0", {"kind": "ablation", "trial_id": "b0", "seed": "0", "arm": "broken",
                                               "factor": "loss"}, flat_config(epochs=2), {}, status="FAILED")
 
     # a search: lr near 3e-4 and focal loss are better; some trials pruned by ASHA, one failed
     search = SweepRun.start(client, "search-test", artifact_root=artifacts,
-                            params={"epochs": 3, "space_file": str(OPTUNA_SPACE_FILE), "set": "['image_size=64']"},
+                            params={"epochs": 3, "space_file": str(OPTUNA_SPACE_FILE), "set": "['image_size=64']",
+                                    **SEARCH_DATA},
                             tags={"kind": "search", "data": "SYNTHETIC"})
     space = load_optuna_space(OPTUNA_SPACE_FILE)
     rng = np.random.default_rng(3)
@@ -100,7 +109,8 @@ def store(tmp_path_factory):
                                                           **({"pruned": "true"} if pruned else {})},
                   flat_config(image_size=64, epochs=3, **chosen), metrics,
                   status="FAILED" if failed else "KILLED" if pruned else "FINISHED")
-    return {"uri": uri, "client": client, "ablation": ablation, "search": search, "root": root}
+    return {"uri": uri, "client": client, "ablation": ablation, "search": search, "root": root,
+            "simulated": simulated}
 
 
 def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, tmp_path, capsys):
@@ -117,22 +127,117 @@ def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, tmp_p
     effects = pd.read_csv(out / "effects.csv").set_index(["arm", "finding", "metric"])
     assert effects.loc[("effusion_up", "Effusion", "auc"), "verdict"] == HELPS
     assert effects.loc[("cardiomegaly_down", "Cardiomegaly", "auc"), "verdict"] == HURTS
-    assert effects.loc[("twin", MEAN, "auc"), "verdict"] == NO_EFFECT
+    assert effects.loc[("twin", MEAN, "auc"), "verdict"] not in (HELPS, HURTS, NOT_ESTIMABLE)
     assert effects.loc[("effusion_up", MEAN, "auc"), "factor"] == "loss"
+    assert effects.loc[("effusion_up", MEAN, "auc"), "family"] == PRIMARY
+    assert effects.loc[("effusion_up", "Effusion", "auc"), "family"] == SECONDARY
     assert set(effects.index.get_level_values("arm")) == {"effusion_up", "cardiomegaly_down", "twin"}
-    assert (effects["n_seeds"] == 2).all() and (effects["n_images"] == 1500).all()
+    assert (effects["n_seeds"] == 3).all() and (effects["n_images"] == 1500).all()
+    assert {"p_value", "p_adjusted", "mde", "seeds_to_decide", "ci_low", "ci_high"} <= set(effects.columns)
 
     page = (out / "ablation_report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 3 and "http" not in page.split("<body>")[1]
     assert "broken-s0: did not finish" in page and "broken-s0: did not finish" in printed
     assert "effusion_up" in printed and "Effusion AUC" in printed
+    # the header names the baseline once, the margin, the families and their methods
+    assert "baseline baseline" not in printed and "baseline baseline" not in page
+    assert "margin ±0.005" in printed and "Holm" in printed and "Benjamini–Hochberg" in printed
+
+    # what final training (sweeps/train_best.py) says when it picks an arm: the report's verdict on its mean AUC
+    sweep = open_sweep(store["client"], "ablation-test")
+    named = config_evidence(store["client"], sweep, ["effusion_up", "twin", "baseline"])
+    for arm, text in zip(["effusion_up", "twin"], named):
+        row = effects.loc[(arm, MEAN, "auc")]
+        assert text == (f"arm {arm}: {row['verdict']} on mean AUC in the ablation report (Δ {row['delta']:+.4f} "
+                        f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}])")
+    assert named[2].startswith("the baseline arm")
+    search = open_sweep(store["client"], "search-test")
+    assert config_evidence(store["client"], search, ["trial-00001"])[0].startswith("search best, not confirmed")
+
+
+def write_prediction_files(folder: Path, simulated: dict) -> Path:
+    """The --predictions format, written by hand: DIR/<arm>/seed<k>.csv with image, patient, label_F, prob_F."""
+    for arm, trials in simulated.items():
+        (folder / arm).mkdir(parents=True)
+        for seed, trial in enumerate(trials):
+            columns = {"image": trial.images, "patient": [name.split("_")[0] for name in trial.images]}
+            for k, finding in enumerate(FINDINGS):
+                columns[f"label_{finding}"] = trial.labels[:, k].astype(int)
+                columns[f"prob_{finding}"] = trial.probs[:, k]
+            frame = pd.DataFrame(columns).sample(frac=1.0, random_state=seed)      # any row order
+            frame.to_csv(folder / arm / f"seed{seed}.csv", index=False)
+    return folder
+
+
+def test_predictions_give_the_same_table_as_the_mlflow_path(store, tmp_path, capsys):
+    from_mlflow, from_files = tmp_path / "mlflow", tmp_path / "files"
+    args = ["--n-boot", "100", "--no-log"]
+    assert ablation_report.main(["--sweep", "ablation-test", "--mlflow-uri", store["uri"], "--out", str(from_mlflow),
+                                 *args]) == 0
+    folder = write_prediction_files(tmp_path / "predictions", store["simulated"])
+    assert ablation_report.main(["--predictions", str(folder), "--out", str(from_files), *args]) == 0
+    printed = capsys.readouterr().out
+    key = ["arm", "finding", "metric"]
+    expected = pd.read_csv(from_mlflow / "effects.csv").drop(columns=["factor"]).sort_values(key, ignore_index=True)
+    got = pd.read_csv(from_files / "effects.csv").drop(columns=["factor"]).sort_values(key, ignore_index=True)
+    pd.testing.assert_frame_equal(got, expected)
+    assert {"effects.csv", "forest_mean_auc.png", "heatmap_auc.png", "ablation_report.html"} <= \
+        {p.name for p in from_files.iterdir()}
+    assert "chosen on each file's own labels" in printed
+
+    # a thresholds.json beside an arm's files is used for its F1, and the report says so
+    thresholds = dict(zip(FINDINGS, [0.5] * len(FINDINGS)))
+    (folder / "twin" / "thresholds.json").write_text(json.dumps(thresholds))
+    assert ablation_report.main(["--predictions", str(folder), "--out", str(tmp_path / "t"), *args]) == 0
+    assert "twin: twin/thresholds.json" in capsys.readouterr().out
+    with_file = pd.read_csv(tmp_path / "t" / "effects.csv").set_index(key)
+    twin = store["simulated"]["twin"][0]
+    effusion = FINDINGS.index("Effusion")
+    assert with_file.loc[("twin", "Effusion", "f1"), "arm_value"] != expected.set_index(key).loc[
+        ("twin", "Effusion", "f1"), "arm_value"]
+    assert np.isfinite(with_file.loc[("twin", "Effusion", "f1"), "arm_value"]) and twin.labels[:, effusion].any()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.drop(columns=["label_Hernia"]), r"twin/seed1\.csv: missing column label_Hernia"),
+    (lambda f: f.assign(prob_Mass=f["prob_Mass"] + 2), r"twin/seed1\.csv: column prob_Mass holds .* expected a "
+                                                      r"probability in 0\.\.1"),
+    (lambda f: f.assign(label_Edema=2), r"twin/seed1\.csv: column label_Edema holds 2 .* expected 0 or 1"),
+    (lambda f: f.iloc[1:], r"twin/seed1\.csv: column image differs from the first file's images"),
+])
+def test_bad_prediction_files_fail_in_one_line_naming_file_and_column(store, tmp_path, capsys, damage, message):
+    folder = write_prediction_files(tmp_path / "predictions", {k: v[:2] for k, v in store["simulated"].items()})
+    path = folder / "twin" / "seed1.csv"
+    damage(pd.read_csv(path)).to_csv(path, index=False)
+    assert ablation_report.main(["--predictions", str(folder), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error
+    assert __import__("re").search(message, error), error
+    assert not (tmp_path / "out" / "effects.csv").exists()
+
+
+def test_plan_sweep_prints_seeds_trials_and_compute_from_the_pilot(store, capsys):
+    assert plan_sweep.main(["--from-sweep", "ablation-test", "--mlflow-uri", store["uri"], "--detect", "0.01",
+                            "--n-boot", "100"]) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in printed.splitlines() if line.startswith("  ") and "pooled" in line}
+    assert set(rows) == {"effusion_up", "cardiomegaly_down", "twin"}
+    planned = printed[printed.index("planned sweep:"):]
+    trials = int(planned.split(" trials")[0].rsplit(" ", 1)[-1])
+    seeds = [int(line.split()[4]) for line in rows.values()]
+    assert trials == sum(seeds) + max(seeds)
+    # 3 pilot trials per arm report epoch_seconds 30, 31, 32: median 31 s, 2 epochs, 1 CPU each
+    assert f"{trials} trials × 2 epochs × 31.0 s/epoch" in printed
+    assert f"= {trials * 2 * 31.0 / 3600:.2f} CPU-hours" in printed
+    assert plan_sweep.main(["--from-sweep", "ablation-test", "--mlflow-uri", store["uri"], "--detect", "2"]) == 2
+    assert "--detect 2.0: expected" in capsys.readouterr().err
 
 
 def test_sweep_found_by_parent_run_id_and_bad_input_is_one_line(store, tmp_path, capsys):
     from dashboards.sweep_reader import connect, open_sweep
     parent = store["ablation"].parent_run_id
     sweep = open_sweep(connect(store["uri"]), parent)
-    assert sweep.kind == "ablation" and sweep.experiment_name == "ablation-test" and len(sweep.trials) == 9
+    assert sweep.kind == "ablation" and sweep.experiment_name == "ablation-test" and len(sweep.trials) == 13
 
     child = next(t.run_id for t in sweep.trials if t.name == "twin-s0")
     for args, message in ((["--sweep", "no-such-sweep"], "no parent run id or experiment of that name"),
@@ -144,6 +249,8 @@ def test_sweep_found_by_parent_run_id_and_bad_input_is_one_line(store, tmp_path,
         assert ablation_report.main([*args, *uri, "--out", str(tmp_path / "x"), "--no-log"]) == 2
         error = capsys.readouterr().err.strip()
         assert message in error and "\n" not in error
+    assert ablation_report.main(["--predictions", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
 
 
 def test_search_report_importance_direction_and_rerun_command(store, tmp_path, capsys):
@@ -154,7 +261,20 @@ def test_search_report_importance_direction_and_rerun_command(store, tmp_path, c
     assert "converges fast" in printed
     command = next(line.strip() for line in printed.splitlines() if "sweeps/run_ablation.py" in line)
     assert "--arms baseline,search_top1,search_top2,search_top3 --seeds 3 --epochs 3" in command
-    assert "--demo" in command and "--set image_size=64" in command
+    assert "--set image_size=64" in command
+    # runs as pasted: this interpreter, the script by its path; the re-run scores on the search's own split
+    from sweeps.ablation import Ablation
+    from sweeps.options import build_parser
+    from trainable.__main__ import data_spec
+    from trainable.data.nih import DataSpec
+    words = shlex.split(command)
+    assert words[0] == sys.executable and Path(words[1]) == REPO / "sweeps" / "run_ablation.py"
+    parser = build_parser("run_ablation.py", "")
+    Ablation.add_arguments(parser)
+    rerun = parser.parse_args(words[2:])
+    assert data_spec(rerun) == DataSpec(data_dir=SEARCH_DATA["data"], **{k: v for k, v in SEARCH_DATA.items()
+                                                                         if k != "data"})
+    assert Path(rerun.arms_file) == out / "rerun_top_configs.yaml"
 
     importance = pd.read_csv(out / "importance.csv")
     mean = importance[importance["target"] == MEAN].set_index("param")

@@ -107,6 +107,14 @@ def test_resize_matches_pil_bilinear(tmp_path):
     assert np.abs(decoded.astype(int) - expected).mean() < 2.0
 
 
+def test_no_progress_bar_in_piped_output(tmp_path, capsys):
+    """A Ray trial's output is a pipe into Tune's console: a bar there would land inside the progress table."""
+    paths = make_pngs(tmp_path / "png", 3, size=32)
+    open_cache(paths, image_size=SIZE, cache_dir=tmp_path / "c", key="k", workers=1)     # progress on: the default
+    captured = capsys.readouterr()
+    assert "caching" not in captured.err + captured.out
+
+
 # --- reuse and rebuild -------------------------------------------------------------------------------------
 
 def test_cache_rows_match_decoded_images_and_are_read_only(tmp_path):

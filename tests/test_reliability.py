@@ -39,6 +39,7 @@ from sweeps.tracking import mask_secrets, ui_command
 from trainable.__main__ import main as trial_main
 from trainable.config import TrialConfig
 from trainable.data.synthetic import generate
+from trainable.findings import FINDINGS
 
 REPO = Path(__file__).resolve().parents[1]
 CSV = "Data_Entry_2017_v2020.csv"
@@ -196,6 +197,21 @@ def _patient_in_both_lists(data):
                r"patient-wise lists"
 
 
+def _semicolon_separated(data):
+    frame = pd.read_csv(data / CSV, dtype=str, keep_default_na=False)
+    frame.to_csv(data / CSV, index=False, sep=";")
+    return [], rf"{CSV}: missing column\(s\) .*\(the header is one column with semicolon-separated names: the file " \
+               r"is likely saved with ';' as separator; save it comma-separated\)"
+
+
+def _data_is_a_file(data):
+    csv = data / CSV
+    shutil.copyfile(csv, data.with_name(CSV))
+    shutil.rmtree(data)
+    data.with_name(CSV).rename(data)             # --data now names the CSV itself
+    return [], rf"{re.escape(str(data))}: is a file; expected the NIH ChestX-ray14 folder holding Data_Entry_2017\.csv"
+
+
 def _empty_split_after_filter(data):
     _edit_csv(data, lambda frame: frame.__setitem__("View Position", "PA"))
     return ["--view", "AP"], r"split '\w+' is empty \(0 images after filters split=official, view=AP"
@@ -213,6 +229,8 @@ CORRUPTIONS = {
     "patient-in-both-lists": _patient_in_both_lists,
     "empty-split-after-filter": _empty_split_after_filter,
     "age-unparseable": _set_cell("Patient Age", "abc"),
+    "semicolon-separated-csv": _semicolon_separated,
+    "data-is-a-file": _data_is_a_file,
 }
 # Only decoding finds these: the trial finds them when it builds its image cache.
 IMAGE_CORRUPTIONS = ("zero-byte-png", "truncated-png", "jpeg-renamed-png")
@@ -281,6 +299,18 @@ def test_16_bit_and_rgba_pngs_train_and_skip_missing_drops_the_absent_image(odd_
     assert missing not in set(pd.read_csv(out / "split.csv")["image"])
 
 
+def test_findings_without_validation_positives_are_named_in_one_warning(odd_but_valid):
+    _, out, stdout, _ = odd_but_valid
+    split = pd.read_csv(out / "split.csv")
+    absent = {name: [f for f in FINDINGS if split.loc[split["split"] == name, f].sum() == 0] for name in ("train", "val")}
+    assert absent["val"], "the fixture's validation split should lack some finding"
+    consequence = {"train": "the model sees no positive example of them",
+                   "val": "their validation AUC is undefined and left out of val_auc_mean"}
+    warnings = [line for line in stdout.splitlines() if "split has no positive image" in line]
+    assert warnings == [f"warning: the {name} split has no positive image of {len(findings)} finding(s), "
+                        f"{', '.join(findings)}: {consequence[name]}" for name, findings in absent.items() if findings]
+
+
 def test_skip_missing_says_how_many_images_it_dropped(odd_but_valid):
     _, _, stdout, _ = odd_but_valid
     assert re.search(r"(skipp|missing|not on disk)[^\n]*\b1\b|\b1\b[^\n]*(skipp|missing|not on disk)", stdout), stdout
@@ -302,11 +332,17 @@ CONFIG_ERRORS = [
     (["--set", "lr=-1e-3"], r"lr=-0\.001 must be > 0"),
     (["--set", "batch_size=0"], r"batch_size=0 must be > 0"),
     (["--set", "batch_size=-8"], r"batch_size=-8 must be > 0"),
+    # nan passes every comparison check and inf a lower bound; 100000 px would exhaust memory
+    (["--set", "lr=nan"], r"lr=nan must be > 0 and <= 1e\+06"),
+    (["--set", "lr=inf"], r"lr=inf must be > 0 and <= 1e\+06"),
+    (["--set", "image_size=100000"], r"image_size=100000 must be >= 16 and <= 2048"),
 ]
 
 
 @pytest.mark.parametrize("extra, expected", [*CONFIG_ERRORS, (["--set", "epochs=0"], r"epochs=0 must be > 0"),
                                              (["--set", "epochs=-2"], r"epochs=-2 must be > 0"),
+                                             (["--set", "seed=1e23"], r"seed=99999999999999991611392 must be >= 0 "
+                                                                      r"and <= 4294967295"),
                                              (["--preset", "nope"], r"preset 'nope' is not one of: chexnet_replica")])
 def test_trial_cli_refuses_bad_config_before_writing_anything(clean, tmp_path, capsys, extra, expected):
     out = tmp_path / "out"
@@ -323,7 +359,8 @@ def test_sweep_cli_refuses_bad_config_before_ray_starts(clean, sweep_out, capsys
 
 
 @pytest.mark.parametrize("option, value", [("--epochs", "0"), ("--epochs", "-1"), ("--gpus-per-trial", "-1"),
-                                           ("--cpus-per-trial", "-0.5")])
+                                           ("--cpus-per-trial", "-0.5"), ("--cpus-per-trial", "nan"),
+                                           ("--gpus-per-trial", "inf")])
 def test_sweep_cli_refuses_out_of_range_options(clean, sweep_out, capsys, no_ray, option, value):
     with pytest.raises(SystemExit) as exit_:
         run_sweep(clean, sweep_out, "bad-option", option, value)
@@ -445,6 +482,17 @@ PROGRESS = {"next_epoch": 2, "best_auc": 0.5, "best_epoch": 1, "epochs_without_g
 TINY_CONFIG = TrialConfig(backbone="test_resnet", pretrained="none", image_size=32, batch_size=16, epochs=1)
 
 
+def test_resume_with_a_cut_short_metrics_line_is_refused_naming_the_line(clean, tmp_path, capsys):
+    out = tmp_path / "out"
+    checkpoint = _fake_run(out, {"progress": PROGRESS, "config": TINY_CONFIG.to_dict(), "model": {}})
+    (out / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_auc_mean": 0.5}) + '\n{"epoch": 2, "val_l')
+    before = (out / "metrics.jsonl").read_text()
+    assert run_trial(clean, out, "--resume", str(checkpoint)) == 2
+    assert re.search(rf"--resume: {re.escape(str(out / 'metrics.jsonl'))} line 2 is not an epoch's JSON object "
+                     r"\('\{\"epoch\": 2, \"val_l', cut short\?\)", error_line(capsys.readouterr().err))
+    assert (out / "metrics.jsonl").read_text() == before
+
+
 def test_resume_from_a_folder_without_a_checkpoint_is_refused(clean, tmp_path, capsys):
     checkpoint = _fake_run(tmp_path / "out", None)
     assert run_trial(clean, tmp_path / "out", "--resume", str(checkpoint)) == 2
@@ -512,7 +560,7 @@ def test_unreachable_tracking_server_fails_fast_before_ray_and_hides_the_passwor
     assert time.monotonic() - started < 10
     captured = capsys.readouterr()
     message = error_line(captured.err)
-    assert re.search(r"--mlflow-uri http://user:\*\*\*@127\.0\.0\.1:\d+: the MLflow tracking store does not answer "
+    assert re.search(r"--mlflow-uri http://127\.0\.0\.1:\d+: the MLflow tracking store does not answer "
                      r"\(.*\); start the server or pass another --mlflow-uri", message)
     assert SECRET not in captured.out + captured.err + caplog.text
     assert not (tmp_path / "out" / "unreachable").exists()
@@ -524,14 +572,16 @@ def test_a_password_in_the_tracking_uri_is_never_logged_or_printed(clean, tmp_pa
     store = f"sqlite:///{tmp_path / 'store.db'}"
     uri = f"https://admin:{SECRET}@mlflow.example.org:5000?token={SECRET}"
     monkeypatch.setattr(runner, "connect", lambda _: MlflowClient(store))
-    for name in ("start_ray", "check_shared_storage", "check_resources"):
+    for name in ("start_ray", "check_shared_storage", "check_resources", "start_registry", "warm_node_caches"):
         monkeypatch.setattr(runner, name, lambda *args, **kwargs: None)
     fitted = []
     monkeypatch.setattr(runner, "_fit", lambda sweep, parent: fitted.append((sweep.uri, parent.parent_run_id)) or 0)
     caplog.set_level("DEBUG")
     assert run_sweep(clean, tmp_path / "out", "secret", "--mlflow-uri", uri) == 0
     [(used_uri, parent_id)] = fitted
-    assert used_uri == uri                                   # the real URI is used, only never recorded
+    # the password goes to MLflow's own credential variable, never into the URI MLflow sees
+    assert used_uri == f"https://mlflow.example.org:5000?token={SECRET}"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("admin", SECRET)
     parent = MlflowClient(store).get_run(parent_id)
     record = (tmp_path / "out" / "secret" / "sweep.json").read_text()
     recorded = json.dumps([parent.data.params, parent.data.tags]) + record

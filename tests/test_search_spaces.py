@@ -78,6 +78,14 @@ def test_arms_file_adds_arms_with_a_derived_factor(tmp_path, arms):
     ("focal: {loss: focal}\n", r"arm 'focal' is already defined in .*arms\.yaml; give it another name"),
     ("- focal\n", r"expected a mapping of arm name"),
     ("x: [loss, focal]\n", r"arm 'x': expected a mapping of config key -> value"),
+    # an ablation's seeds are --seeds for every arm: an arm's own seed would be silently replaced
+    ("x: {loss: focal, seed: 7}\n", r"arm 'x': seed is set by the sweep \(--seeds runs seeds 0\.\.N-1 for every "
+                                    r"arm\); remove seed from the arm"),
+    # plain YAML keeps the last of two same-named entries without a word
+    ("x: {loss: focal}\ny: {lr: 0.01}\nx: {loss: asl}\n", r"arms\.yaml: line 3: 'x' is defined twice in one mapping "
+                                                        r"\(first at line 1\)"),
+    ("x: {loss: focal, loss: asl}\n", r"arms\.yaml: line 1: 'loss' is defined twice in one mapping"),
+    ("x: {lr: .nan}\n", r"arm 'x'.*lr=nan must be > 0"),
 ])
 def test_bad_arms_file_names_the_file_arm_and_key(tmp_path, text, expected):
     path = tmp_path / "arms.yaml"
@@ -128,6 +136,8 @@ def test_keys_fixed_by_set_leave_the_space_with_their_conditional_params():
                                                             r"param defined above it"),
     ("lerning_rate: {low: 0.1, high: 1}", r"param 'lerning_rate': not a config key"),
     ("backbone: {choices: registry}", r"choices: registry needs a key with a registry"),
+    ("lr: {low: 1.0e-5, high: .inf, log: true}", r"param 'lr'.*lr=inf must be > 0 and <= 1e\+06"),
+    ("lr: {low: 0.1, high: 1}\n  lr: {low: 0.01, high: 0.1}", r"line 4: 'lr' is defined twice in one mapping"),
 ])
 def test_bad_optuna_space_names_the_param(tmp_path, params, expected):
     path = tmp_path / "space.yaml"

@@ -6,6 +6,9 @@ import glob
 import json
 import os
 import pickle
+import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,16 +16,22 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import ray
 import timm
 import torch
 from mlflow import MlflowClient
 
+from dashboards import ablation_report
 from sweeps.ablation import Ablation
+from sweeps.record import SweepLocation
 from sweeps.runner import main
 from sweeps.search import Search
+from sweeps.tune_state import StateDigests
 from trainable.config import TrialConfig
+from trainable.data.synthetic import generate
+from trainable.errors import ConfigError
 from trainable.findings import FINDINGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +130,14 @@ def test_ablation_parent_run_records_the_sweep(ablation):
     assert record["plan"]["seeds"] == list(range(SEEDS))
 
 
+def test_a_finished_sweep_keeps_only_each_trials_latest_checkpoint(ablation):
+    out, _ = ablation
+    folders = sorted(p for p in (out / "abl").iterdir() if p.is_dir())
+    assert len(folders) == len(ARMS) * SEEDS
+    for folder in folders:
+        assert [p.name for p in folder.glob("checkpoint_*")] == [f"checkpoint_{EPOCHS - 1:06d}"], folder
+
+
 def test_ablation_prints_a_table_per_arm_with_delta_vs_baseline(ablation):
     _, done = ablation
     text = done.stdout
@@ -205,6 +222,133 @@ def test_killed_sweep_resumes_with_each_trial_once_in_mlflow(env, synthetic_dir,
     assert "kil" in done.stdout and "AUC mean ± sd" in done.stdout
 
 
+# --- Tune state someone else wrote -------------------------------------------------------------------------------
+
+class _RunsOnUnpickling:
+    """A pickle that, when loaded, creates the file `marker`: what an attacker with write access to the storage
+    would put into a sweep's Tune state."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _tamper_tuner(folder: Path, marker: Path) -> None:
+    (folder / "tuner.pkl").write_bytes(pickle.dumps(_RunsOnUnpickling(marker)))
+
+
+def _tamper_experiment_state(folder: Path, marker: Path) -> None:
+    [state] = folder.glob("experiment_state-*.json")      # a finished trial made to look unfinished
+    text = state.read_text()
+    assert "TERMINATED" in text
+    state.write_text(text.replace("TERMINATED", "PENDING", 1))
+
+
+def _add_searcher_state(folder: Path, marker: Path) -> None:     # newer than any real one: Tune would load it
+    (folder / "searcher-state-9999-12-31_23-59-59.pkl").write_bytes(pickle.dumps(_RunsOnUnpickling(marker)))
+
+
+def _tamper_record(folder: Path, marker: Path) -> None:          # a resume obeys sweep.json's arguments
+    record = json.loads((folder / "sweep.json").read_text())
+    record["arguments"]["data"] = str(marker.parent)
+    (folder / "sweep.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("tamper", [_tamper_tuner, _tamper_experiment_state, _add_searcher_state, _tamper_record],
+                         ids=["tuner.pkl", "experiment_state", "added-searcher-state", "sweep.json"])
+def test_resume_refuses_tune_state_that_the_driver_did_not_write(ablation, tmp_path, capsys, tamper):
+    """The finished ablation's --out copied, one state file changed or added on the copy's storage, then
+    --resume: refused in one line before Ray starts, and nothing of the file was unpickled."""
+    out, _ = ablation
+    copy = Path(shutil.copytree(out, tmp_path / "out"))
+    marker = tmp_path / "code-ran"
+    tamper(copy / "abl", marker)
+    assert main(Ablation, ["--resume", "abl", "--out", str(copy)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: --resume abl: "), error
+    assert re.search(r"(was changed after this sweep's driver wrote it|was not written by this sweep's driver).*"
+                     r"refusing to go on", error[0]), error[0]
+    assert not marker.exists() and not ray.is_initialized()
+
+
+def test_every_tune_state_file_of_a_search_is_recorded_and_a_changed_searcher_state_is_found(search, tmp_path):
+    out, _ = search
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    _, parent, _ = mlflow_runs(out, "srch")
+    location = SweepLocation(str(out), "srch")
+    digests = StateDigests.load(client, parent.info.run_id)
+    verified = digests.verify(location, "check")
+    assert {"tuner.pkl", "sweep.json"} | {p.name for p in (out / "srch").glob("searcher-state-*.pkl")} | \
+        {p.name for p in (out / "srch").glob("experiment_state-*.json")} <= set(verified)
+    copy = Path(shutil.copytree(out / "srch", tmp_path / "srch"))
+    [searcher] = copy.glob("searcher-state-*.pkl")
+    searcher.write_bytes(searcher.read_bytes() + b"\0")
+    with pytest.raises(ConfigError, match=rf"{re.escape(searcher.name)} was changed after this sweep's driver"):
+        digests.verify(SweepLocation(str(tmp_path), "srch"), "check")
+
+
+# --- --until-decided: seeds only where the analysis is undecided ----------------------------------------------
+
+# An arm identical to the baseline (training is deterministic per seed: Δ = 0 exactly, and with a margin of 1e-4
+# no number of seeds shows equivalence) stays undecided by construction; an arm that cannot learn (lr 1e-8:
+# mean AUC ~0.5 against the baseline's ~0.87, seed sd ~0.01-0.05) is called `hurts` after the first round.
+DECISIVE_ARMS = "baseline_copy: {factor: control}\nfrozen: {factor: optimizer, lr: 1.0e-8}\n"
+
+
+def test_until_decided_adds_seeds_only_to_the_undecided_arm_and_resumes_after_a_kill(env, tmp_path):
+    data = generate(tmp_path / "data", patients=240, image_size=32, seed=5)
+    (tmp_path / "arms.yaml").write_text(DECISIVE_ARMS)
+    out = tmp_path / "out"
+    args = ["--data", str(data), "--out", str(out), "--name", "ud", "--arms", "baseline,baseline_copy,frozen",
+            "--arms-file", str(tmp_path / "arms.yaml"), "--seeds", "2", "--max-seeds", "3", "--until-decided",
+            "--margin", "0.0001", "--epochs", "2", "--val-fraction", "0.3", *TINY]
+    sweep = subprocess.Popen(command("run_ablation.py", *args), cwd=REPO, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill driver, Ray and trials at once in round 2, once one of its trials has checkpointed its first epoch.
+    deadline = time.monotonic() + SWEEP_TIMEOUT_S
+    while not glob.glob(str(out / "ud" / "*-s2_*" / "checkpoint_000000")):
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
+        time.sleep(0.5)
+    os.killpg(sweep.pid, signal.SIGKILL)
+    sweep.wait(timeout=60)
+    # round 2 went to the undecided arm and the baseline only
+    started = {m.group(1) for p in (out / "ud").iterdir() if p.is_dir() and (m := re.match(r"(.+-s\d+)_", p.name))}
+    assert {"baseline-s2", "baseline_copy-s2"} <= started and "frozen-s2" not in started
+
+    done = run_sweep(env, "run_ablation.py", "--resume", "--out", str(out))
+    assert done.returncode == 0
+    client, parent, children = mlflow_runs(out, "ud")
+    assert sorted(children) == sorted(["baseline-s0", "baseline-s1", "baseline-s2", "baseline_copy-s0",
+                                       "baseline_copy-s1", "baseline_copy-s2", "frozen-s0", "frozen-s1"])
+    assert len({run.data.tags["trial_id"] for run in children.values()}) == len(children)
+    for run in children.values():
+        assert run.info.status == "FINISHED"
+        assert steps(client, run) == [1, 2], run.info.run_name              # no epoch logged twice
+        assert run.data.metrics["epoch_seconds"] > 0
+    assert parent.info.status == "FINISHED" and parent.data.tags["resumes"] == "1"
+    rounds = json.loads((out / "ud" / "seed_rounds.json").read_text())
+    assert rounds["looks"] == [2, 3] and rounds["seeds"] == {"baseline_copy": 3, "frozen": 2}
+    assert rounds["stops"] == {"frozen": "hurts after 2 seeds", "baseline_copy": "seed budget spent (3): undecided"}
+    assert "seed_rounds.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    table = done.stdout[done.stdout.index("seeds stopped because"):].splitlines()
+    rows = {line.split()[0]: line for line in table[2:5]}
+    assert rows["frozen"].split()[2] == "2" and rows["frozen"].endswith("hurts after 2 seeds")
+    assert rows["baseline_copy"].split()[2] == "3" and rows["baseline"].split()[2] == "3"
+
+    # the report replays the same rounds from MLflow and says why each arm stopped
+    report = tmp_path / "report"
+    assert ablation_report.main(["--sweep", "ud", "--mlflow-uri", f"sqlite:///{out / 'mlflow.db'}", "--out",
+                                 str(report), "--n-boot", "200", "--no-log"]) == 0
+    effects = pd.read_csv(report / "effects.csv")
+    head = effects[(effects["finding"] == "mean") & (effects["metric"] == "auc")].set_index("arm")
+    assert head.loc["frozen", "verdict"] == "hurts" and head.loc["frozen", "n_seeds"] == 2
+    assert head.loc["baseline_copy", "verdict"] == "inconclusive" and head.loc["baseline_copy", "n_seeds"] == 3
+    assert head.loc["baseline_copy", "delta"] == 0.0
+    assert dict(head["stopped"]) == rounds["stops"]
+
+
 # --- refused before anything runs -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, arms_text, expected", [
@@ -212,12 +356,17 @@ def test_killed_sweep_resumes_with_each_trial_once_in_mlflow(env, synthetic_dir,
     (["--arms", "baseline,x"], "x: {loss: focal\n", r"arms\.yaml: line \d+ is not valid YAML"),
     (["--arms", "baseline,x"], "x: {loss: hinge}\n", r"arm 'x': loss='hinge' is not one of"),
     (["--arms", "baseline,nope"], None, r"--arms 'baseline,nope': unknown arm\(s\) 'nope'; known arms: baseline"),
+    (["--arms", "baseline,x"], "x: {loss: focal, seed: 7}\n", r"arms\.yaml: arm 'x': seed is set by the sweep"),
+    (["--arms", "baseline,x"], "x: {loss: focal}\nx: {loss: asl}\n", r"arms\.yaml: line 2: 'x' is defined twice"),
     (["--set", "head=mlp"], None, r"arm 'baseline' with --set/--epochs: head='mlp' is not one of: linear, cbam"),
-    (["--mlflow-uri", "http://me:s3cret@127.0.0.1:9"], None, r"--mlflow-uri http://me:\*\*\*@127\.0\.0\.1:9: the "
+    (["--mlflow-uri", "http://me:s3cret@127.0.0.1:9"], None, r"--mlflow-uri http://127\.0\.0\.1:9: the "
                                                              r"MLflow tracking store does not answer"),
     (["--resume"], None, r"--resume: no ablation sweep in .* to resume"),
 ])
-def test_bad_input_fails_in_one_line_before_ray_starts(synthetic_dir, tmp_path, capsys, extra, arms_text, expected):
+def test_bad_input_fails_in_one_line_before_ray_starts(synthetic_dir, tmp_path, capsys, monkeypatch, extra,
+                                                       arms_text, expected):
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):   # the runner sets them from the URI
+        monkeypatch.setenv(name, "")
     args = ["--data", str(synthetic_dir), "--out", str(tmp_path / "out"), *TINY, *extra]
     if arms_text is not None:
         (tmp_path / "arms.yaml").write_text(arms_text)
@@ -225,7 +374,7 @@ def test_bad_input_fails_in_one_line_before_ray_starts(synthetic_dir, tmp_path, 
     assert main(Ablation, args) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and error.startswith("error: ")
-    assert __import__("re").search(expected, error), error
+    assert re.search(expected, error), error
     assert "s3cret" not in error
     assert not ray.is_initialized()
     assert not (tmp_path / "out" / "mlflow.db").exists()
@@ -237,3 +386,36 @@ def test_existing_sweep_is_not_overwritten(synthetic_dir, tmp_path, capsys):
     assert main(Search, ["--data", str(synthetic_dir), "--out", str(tmp_path / "out"), "--name", "taken"]) == 2
     assert "--resume taken continues it, --overwrite replaces it" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+# --- what a user reads: next steps that run as pasted, no noise -------------------------------------------------
+
+def fresh_shell(command_line: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """A pasted line in a new shell: no environment activated, none of the sweep's variables, another folder."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(cwd)), "MPLCONFIGDIR": str(cwd / "mpl")}
+    return subprocess.run(["bash", "-c", command_line], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_printed_next_steps_run_as_pasted_in_a_fresh_shell(ablation, tmp_path):
+    """Runs last on the ablation: its report logs on the sweep's parent run."""
+    _, done = ablation
+    lines = done.stdout.splitlines()
+    report = next(line.strip() for line in lines if "dashboards/ablation_report.py --sweep" in line)
+    ui = lines[lines.index("MLflow experiment 'abl'; browse it with:") + 1].strip()
+    assert "<" not in report and "--sweep abl " in report
+
+    reported = fresh_shell(report, tmp_path, SWEEP_TIMEOUT_S)
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    assert "focal" in reported.stdout and (tmp_path / "reports" / "abl" / "effects.csv").is_file()
+
+    words = shlex.split(ui)            # this environment's mlflow (runs from a fresh shell), bound to localhost
+    assert os.access(words[0], os.X_OK) and words[words.index("--host") + 1] == "127.0.0.1"
+    helped = fresh_shell(shlex.join([*words[:words.index("ui") + 1], "--help"]), tmp_path, 300)
+    assert helped.returncode == 0 and "--backend-store-uri" in helped.stdout, helped.stderr[-3000:]
+
+
+def test_sweep_output_has_no_ray_session_paths_or_token_warning(ablation):
+    _, done = ablation
+    assert "Result logdir:" not in done.stdout and "Token authentication" not in done.stderr
+    assert "== Status ==" in done.stdout          # Tune's progress table is kept

@@ -1,18 +1,28 @@
 """End to end: one trial from the shell on a generated NIH-format data set, on the CPU, and its exact resume."""
 import json
-import shutil
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
 from trainable.__main__ import main
 from trainable.data.synthetic import generate
 from trainable.findings import FINDINGS
 
+REPO = Path(__file__).resolve().parents[1]
+# Exact resume and repeatability are CPU guarantees; on a GPU they need deterministic mode (trainable/backends.py).
 TINY = ["--preset", "chexnet_replica", "--set", "backbone=test_resnet", "--set", "pretrained=none",
-        "--set", "image_size=64", "--set", "epochs=2", "--set", "batch_size=16"]
+        "--set", "image_size=64", "--set", "epochs=2", "--set", "batch_size=16",
+        "--set", f"deterministic={torch.cuda.is_available()}"]
+KILL_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +75,37 @@ def test_reported_metrics_equal_sklearn_on_the_saved_probabilities(trial):
     assert last["val_auc_mean"] == pytest.approx(np.mean(aucs), abs=1e-9)
 
 
-def test_resume_from_epoch_one_gives_the_uninterrupted_epoch_two(trial, learnable_dir, tmp_path):
+@pytest.mark.exact_resume
+def test_a_trial_killed_right_after_its_first_report_resumes_from_it_exactly(trial, learnable_dir, tmp_path):
+    """The epoch-1 line in metrics.jsonl is the report: the process is SIGKILLed the moment it appears (the
+    checkpoint was written by the background writer, the next epoch is training), then resumed from the
+    checkpoint that report named; its epoch 2 is the uninterrupted run's."""
     out, cache = trial
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(out / "checkpoints" / "epoch_001", resumed / "epoch_001")
-    assert main(["--data", str(learnable_dir), "--out", str(resumed), "--cache-dir", str(cache), *TINY,
-                 "--resume", str(resumed / "epoch_001")]) == 0
-    again = read_metrics(resumed)
-    assert [line["epoch"] for line in again] == [2]
-    expected = read_metrics(out)[-1]
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "trainable", "--data", str(learnable_dir), "--out", str(killed),
+               "--cache-dir", str(cache), *TINY]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    try:
+        while not (killed / "metrics.jsonl").is_file() or not (killed / "metrics.jsonl").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, "no epoch-1 report"
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert [line["epoch"] for line in read_metrics(killed)] == [1]
+    assert main(["--data", str(learnable_dir), "--out", str(killed), "--cache-dir", str(cache), *TINY,
+                 "--resume", str(killed / "checkpoints" / "epoch_001")]) == 0
+    again, expected = read_metrics(killed), read_metrics(out)
+    assert [line["epoch"] for line in again] == [1, 2]
     for key in ["val_loss", "train_loss", "val_auc_mean", "val_f1_mean", *(f"val_auc_{f}" for f in FINDINGS)]:
-        assert again[0][key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+        assert again[1][key] == pytest.approx(expected[1][key], rel=1e-6, abs=1e-9), key
 
 
+@pytest.mark.exact_resume
 def test_same_config_and_seed_give_identical_metrics(trial, learnable_dir, tmp_path):
     out, cache = trial
     assert main(["--data", str(learnable_dir), "--out", str(tmp_path / "again"), "--cache-dir", str(cache),

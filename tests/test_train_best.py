@@ -173,8 +173,10 @@ def test_writes_the_report_files_and_their_auc_is_sklearns(final):
             assert metrics.loc[finding, "auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
             assert metrics.loc[finding, "auc_ci_low"] <= metrics.loc[finding, "auc_ci_high"]
         assert metrics.loc[finding, "threshold"] == pytest.approx(thresholds[finding], abs=1e-6)
-        assert metrics.loc[finding, "f1"] == pytest.approx(f1_score(y, p >= thresholds[finding], zero_division=0),
-                                                          abs=1e-6)
+        if y.any():
+            assert metrics.loc[finding, "f1"] == pytest.approx(f1_score(y, p >= thresholds[finding]), abs=1e-6)
+        else:        # F1 says nothing without positives: NaN, as trainable.metrics.binary_report has it
+            assert np.isnan(metrics.loc[finding, "f1"]), finding
     report = (out / "report.md").read_text()
     assert "SYNTHETIC DATA" in report and "thresholds chosen on validation" in report.lower()
     assert "SYNTHETIC" in final["stdout"] and "registered model 'test-cxr' version 1" in final["stdout"]
@@ -366,6 +368,7 @@ def test_from_sweep_averages_the_top_configs_by_validation(data_dir, final, tmp_
                               "--bootstrap", "20", "--gradcam-samples", "0", "--cache-dir", str(final["cache"]))
     assert code == 0
     assert "top 2 by validation mean AUC: trial-00002 (val AUC 0.740" in stdout
+    assert stdout.count("evidence: search best, not confirmed") == 2
     assert "differ from those the sweep chose its configs on (x)" in stdout     # the fixture records a fake fingerprint
     members = json.loads((tmp_path / "out" / "members.json").read_text())
     assert [m["config_label"] for m in members] == ["trial-00002", "trial-00001"]    # pruned trial-00003 left out
@@ -375,6 +378,7 @@ def test_from_sweep_averages_the_top_configs_by_validation(data_dir, final, tmp_
     np.testing.assert_allclose(saved["probs"], saved["probs_by_member"].mean(axis=0), atol=1e-6)
     parent = MlflowClient(uri).get_run(MlflowClient(uri).search_model_versions("name = 'ensemble'")[0].run_id)
     assert parent.data.tags["source_sweep"] == "srch"
+    assert parent.data.tags["selection_evidence"].startswith("search best, not confirmed")
     assert parent.data.params["data"] == str(data_dir)          # no --data: the sweep's recorded data options
     children = MlflowClient(uri).search_runs([parent.info.experiment_id],
                                              filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'")

@@ -18,36 +18,14 @@ from pathlib import Path
 # Before torch loads: spinning OpenMP waits collapse CPU throughput on a shared node (see BENCHMARKS.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .config import TrialConfig, load_preset, parse_overrides
-from .errors import UserError
-from .runtime import CACHE_ENV
+from .backends import CUBLAS_WORKSPACE_ENV, DETERMINISTIC_CUBLAS_WORKSPACE  # noqa: E402 - torch-free
 
+# Before the first cuBLAS call: deterministic=true needs a fixed workspace (trainable/backends.py).
+os.environ.setdefault(CUBLAS_WORKSPACE_ENV, DETERMINISTIC_CUBLAS_WORKSPACE)
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Data options shared by every CLI (the trial runner and the sweeps)."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--split", default="official", choices=["official", "patient"],
-                       help="official: NIH's test_list.txt as test, validation carved patient-wise from "
-                            "train_val_list.txt; patient: patient-wise stratified split (default: %(default)s)")
-    group.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default: %(default)s)")
-    group.add_argument("--test-fraction", type=float, default=0.2,
-                       help="test share for --split patient (default: %(default)s)")
-    group.add_argument("--split-seed", type=int, default=0, help="seed of the patient-wise split (default: 0)")
-    group.add_argument("--view", default="all", choices=["all", "PA", "AP"], help="keep only this view position")
-    group.add_argument("--max-images", type=int, default=0,
-                       help="quick subset: whole patients drawn reproducibly up to this many images (0 = all)")
-    group.add_argument("--skip-missing", action="store_true",
-                       help="skip (and count) images listed in the CSV but absent on disk instead of failing")
-    group.add_argument("--cache-dir", default=None,
-                       help=f"decode-once image cache, shared by trials on a node (default: ${CACHE_ENV} or "
-                            "~/.cache/cxr-ablate)")
-
-
-def data_spec(args: argparse.Namespace):
-    from .data.nih import DataSpec
-    return DataSpec(data_dir=str(args.data), split=args.split, val_fraction=args.val_fraction,
-                    test_fraction=args.test_fraction, split_seed=args.split_seed, view=args.view,
-                    max_images=args.max_images, skip_missing=args.skip_missing)
+from .config import TrialConfig, parse_overrides
+from .errors import UserError, out_of_space
+from .data.options import add_data_arguments, data_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
+    from search_spaces import load_preset   # an entry point may use any layer; no library module of trainable does
     from .backbones import check_pretrained, warnings_for
     from .train import load_checkpoint
 
@@ -100,6 +79,13 @@ def run(args: argparse.Namespace) -> None:
     reported: list[int] = []
     try:
         _run_trial(args, cfg, out, resume_epoch, reported)
+    except OSError as err:
+        full = out_of_space(err, f"--out {out}")
+        if full is None:
+            raise
+        if fresh and not reported:
+            shutil.rmtree(out, ignore_errors=True)
+        raise full from None
     except UserError:
         if fresh and not reported:
             shutil.rmtree(out, ignore_errors=True)
@@ -108,7 +94,9 @@ def run(args: argparse.Namespace) -> None:
 
 def _run_trial(args: argparse.Namespace, cfg: TrialConfig, out: Path, resume_epoch: int | None,
                reported: list[int]) -> None:
+    from .data.cache import check_cache_space
     from .data.nih import prepare_dataset, write_text_atomically
+    from .runtime import default_cache_dir
     from .train import copy_checkpoint, train
 
     if args.overwrite and not args.resume:
@@ -121,9 +109,14 @@ def _run_trial(args: argparse.Namespace, cfg: TrialConfig, out: Path, resume_epo
     for note in data.notes():
         print(note)
 
+    check_cache_space(args.cache_dir or default_cache_dir(),
+                      [(f"{data.fingerprint}-{split}", data.subset(split)["path"].tolist(), cfg.image_size)
+                       for split in ("train", "val")])
     metrics_path = out / "metrics.jsonl"
-    if resume_epoch is not None:  # keep the lines of epochs that the resumed run does not repeat
-        kept = [line for line in _read_lines(metrics_path) if json.loads(line)["epoch"] <= resume_epoch]
+    lines = [] if resume_epoch is None else _read_metrics(metrics_path)
+    # a resumed run keeps the lines of the epochs it does not repeat; each epoch rewrites the file whole
+    kept = [line for line, metrics in lines if metrics["epoch"] <= resume_epoch]
+    if resume_epoch is not None:
         write_text_atomically(metrics_path, "".join(kept))
 
     def report(metrics: dict, checkpoint: Path) -> None:
@@ -132,8 +125,8 @@ def _run_trial(args: argparse.Namespace, cfg: TrialConfig, out: Path, resume_epo
         copy_checkpoint(checkpoint, destination)
         for name in ("val_predictions.npz", "thresholds.json"):
             shutil.copyfile(checkpoint / name, out / name)
-        with metrics_path.open("a") as stream:
-            stream.write(json.dumps({"synthetic_data": data.synthetic, **metrics}) + "\n")
+        kept.append(json.dumps({"synthetic_data": data.synthetic, **metrics}) + "\n")
+        write_text_atomically(metrics_path, "".join(kept))     # a full disk cannot leave half a line
         reported.append(metrics["epoch"])
         print(f"epoch {metrics['epoch']}: val_loss {metrics['val_loss']:.4f} "
               f"val_auc_mean {metrics['val_auc_mean']:.4f} val_f1_mean {metrics['val_f1_mean']:.4f}", flush=True)
@@ -141,8 +134,21 @@ def _run_trial(args: argparse.Namespace, cfg: TrialConfig, out: Path, resume_epo
     train(cfg, data, report, cache_dir=args.cache_dir, resume_from=args.resume)
 
 
-def _read_lines(path: Path) -> list[str]:
-    return path.read_text().splitlines(keepends=True) if path.exists() else []
+def _read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """(line, parsed) per line of an earlier run's metrics.jsonl; a line that is not an epoch's JSON object (cut
+    short by a kill or a full disk, or edited) is a UserError naming it."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+    parsed = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            metrics = json.loads(line)
+            int(metrics["epoch"])
+        except (ValueError, TypeError, KeyError):
+            raise UserError(f"--resume: {path} line {number} is not an epoch's JSON object ({line.strip()[:60]!r}, "
+                            f"cut short?); expected one JSON object with an 'epoch' per line: delete or repair the "
+                            f"line") from None
+        parsed.append((line if line.endswith("\n") else line + "\n", metrics))
+    return parsed
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -60,6 +61,7 @@ class TrialConfig:
     precision: str = "fp32"               # fp32 | bf16
     channels_last: bool = False
     compile: bool = False
+    deterministic: bool = False           # bit-for-bit repeatable on a GPU (deterministic kernels, no cuDNN autotuning)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -118,7 +120,7 @@ def coerce(key: str, value: Any, *, source: str = "config") -> Any:
                 raise ValueError
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):   # OverflowError: int('inf')
         raise ConfigError(f"{source}: {key}={value!r} is not a valid {kind.__name__}") from None
 
 
@@ -149,20 +151,46 @@ CHOICES: dict[str, Callable[[], Iterable[str]]] = {
     "precision": lambda: ("fp32", "bf16"),
 }
 
-# key -> (lowest allowed, whether the lowest itself is allowed)
-BOUNDS: dict[str, tuple[float, bool]] = {
-    "lr": (0.0, False), "epochs": (0, False), "batch_size": (0, False), "image_size": (16, True),
-    "weight_decay": (0.0, True), "momentum": (0.0, True), "plateau_factor": (0.0, False),
-    "plateau_patience": (0, True), "warmup_epochs": (0, True), "early_stop_patience": (0, True),
-    "focal_gamma": (0.0, True), "dwbce_smoothing": (0.0, True), "head_dropout": (0.0, True),
-    "drop_rate": (0.0, True), "aug_crop_scale_min": (0.0, False), "aug_brightness": (0.0, True),
-    "aug_contrast": (0.0, True), "aug_rotation_degrees": (0.0, True), "oversample_power": (0.0, True),
-    "asl_gamma_neg": (0.0, True), "asl_gamma_pos": (0.0, True), "seed": (0, True),
-}
-UPPER: dict[str, float] = {
-    "plateau_factor": 1.0, "dwbce_smoothing": 1.0, "head_dropout": 1.0, "drop_rate": 1.0,
-    "aug_crop_scale_min": 1.0, "aug_brightness": 1.0, "aug_contrast": 1.0, "aug_rotation_degrees": 180.0,
-    "momentum": 1.0, "focal_alpha": 1.0,
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: finite, between low and high (each end included unless marked open)."""
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):    # nan passes every comparison check
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        return f"{'>' if self.low_open else '>='} {_number(self.low)} and {'<' if self.high_open else '<='} " \
+               f"{_number(self.high)}"
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+MAX_SEED = 2**32 - 1          # numpy's legacy seeding takes 32 bits; larger seeds overflow
+MAX_IMAGE_SIZE = 2048         # twice NIH's 1024 px: beyond it a trial only decodes and holds upsampled pixels
+# Every numeric key, so nan, inf and absurd values are refused before a trial starts (bounds wide enough for
+# any setting a paper used; an lr of 1e6 still makes a loss explode, which the divergence tests rely on).
+RANGES: dict[str, Range] = {
+    "lr": Range(0.0, 1e6, low_open=True), "weight_decay": Range(0.0, 10.0), "momentum": Range(0.0, 1.0),
+    "plateau_factor": Range(0.0, 1.0, low_open=True), "plateau_patience": Range(0, 10_000),
+    "warmup_epochs": Range(0, 10_000), "epochs": Range(0, 10_000, low_open=True),
+    "batch_size": Range(0, 65_536, low_open=True),
+    "early_stop_patience": Range(0, 10_000), "image_size": Range(16, MAX_IMAGE_SIZE), "seed": Range(0, MAX_SEED),
+    "focal_gamma": Range(0.0, 100.0), "focal_alpha": Range(-1.0, 1.0), "dwbce_smoothing": Range(0.0, 1.0),
+    "asl_gamma_neg": Range(0.0, 100.0), "asl_gamma_pos": Range(0.0, 100.0), "head_dropout": Range(0.0, 1.0),
+    "drop_rate": Range(0.0, 1.0), "aug_crop_scale_min": Range(0.0, 1.0, low_open=True),
+    "aug_brightness": Range(0.0, 1.0), "aug_contrast": Range(0.0, 1.0), "aug_rotation_degrees": Range(0.0, 180.0),
+    "oversample_power": Range(0.0, 10.0),
 }
 
 
@@ -177,13 +205,9 @@ def _validate(cfg: TrialConfig) -> None:
         valid = list(choices())
         if getattr(cfg, key) not in valid:
             raise ConfigError(f"config: {key}={getattr(cfg, key)!r} is not one of: {', '.join(valid)}")
-    for key, (low, inclusive) in BOUNDS.items():
-        value = getattr(cfg, key)
-        if value < low or (value == low and not inclusive):
-            raise ConfigError(f"config: {key}={value!r} must be {'>=' if inclusive else '>'} {low:g}")
-    for key, high in UPPER.items():
-        if getattr(cfg, key) > high:
-            raise ConfigError(f"config: {key}={getattr(cfg, key)!r} must be <= {high:g}")
+    for key, allowed in RANGES.items():
+        if not allowed.holds(getattr(cfg, key)):
+            raise ConfigError(f"config: {key}={getattr(cfg, key)!r} must be {allowed.describe()}")
     _validate_backbone(cfg)
     _validate_pairs(cfg)
 
@@ -218,12 +242,3 @@ def parse_overrides(pairs: Iterable[str], *, source: str = "--set") -> dict[str,
             raise ConfigError(f"{source} {pair!r}: expected key=value")
         out[key.strip()] = coerce(key.strip(), value.strip(), source=f"{source} {pair!r}")
     return out
-
-
-def load_preset(name: str) -> TrialConfig:
-    """A named preset from search_spaces/presets.yaml (plain config overrides of the CheXNet defaults)."""
-    from search_spaces import load_presets
-    presets = load_presets()
-    if name not in presets:
-        raise ConfigError(f"preset {name!r} is not one of: {', '.join(presets)}")
-    return presets[name]

@@ -1,4 +1,10 @@
 """Errors the user can act on: each names the file, key or value at fault and what was expected."""
+from __future__ import annotations
+
+import errno
+
+# A full disk, a full quota, or a file-size limit: each means "no room for this file here".
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class UserError(Exception):
@@ -23,3 +29,10 @@ class DeviceUnavailable(RuntimeError):
 
 # Failures that come out the same on every attempt: retrying them only repeats the error.
 DETERMINISTIC_FAILURES: tuple[type[BaseException], ...] = (UserError, TrialDiverged)
+
+
+def out_of_space(err: OSError, where: str) -> UserError | None:
+    """A full disk met while writing `where` (e.g. "--out runs") as a one-line UserError; None for other errors."""
+    if err.errno not in NO_SPACE_ERRNOS:
+        return None
+    return UserError(f"{where}: {err.strerror} while writing there; free space or choose another place")

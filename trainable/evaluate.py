@@ -16,7 +16,7 @@ from .data.loader import BatchLoader
 from .data.nih import PreparedData
 from .models import ChestXrayNet, create_model, input_stats
 from .runtime import default_cache_dir, pick_device
-from .train import SplitArrays, predict_probs  # the training loop's own eval step (one code path)
+from .train import SplitArrays, eval_batch_size, predict_probs  # the training loop's own eval step (one code path)
 
 
 def build_model(cfg: TrialConfig, state_dict: dict) -> ChestXrayNet:
@@ -36,6 +36,6 @@ def predict(cfg: TrialConfig, state_dict: dict, data: PreparedData, split: str,
     mean, std = input_stats(model)
     augment = BatchAugment(cfg, mean=mean, std=std).to(device)
     unlabeled = np.zeros_like(arrays.labels)
-    loader = BatchLoader(arrays.images, unlabeled, arrays.demographics, batch_size=max(cfg.batch_size, 64),
+    loader = BatchLoader(arrays.images, unlabeled, arrays.demographics, batch_size=eval_batch_size(cfg),
                          shuffle=False, seed=cfg.seed, pin_memory=device.type == "cuda")
     return predict_probs(model, augment, loader, cfg, device)[1]

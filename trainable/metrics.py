@@ -47,17 +47,21 @@ def choose_thresholds(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 def per_class_f1(y_true: np.ndarray, probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """F1 per column at the given thresholds; NaN where a class has no positives (F1 says nothing there: it is
+    0 for any prediction, so counting it would drag a mean down for a split that merely lacks the class)."""
     y_true, predicted = _binary(y_true), np.asarray(probs) >= np.asarray(thresholds)[None, :]
-    return np.array([f1_score(y_true[:, k], predicted[:, k], zero_division=0) for k in range(y_true.shape[1])])
+    return np.array([f1_score(y_true[:, k], predicted[:, k], zero_division=0) if y_true[:, k].any() else np.nan
+                     for k in range(y_true.shape[1])])
 
 
 def epoch_metrics(y_true: np.ndarray, probs: np.ndarray, *, val_loss: float, findings: Sequence[str] = FINDINGS,
                   prefix: str = "val") -> tuple[dict[str, float], np.ndarray]:
     """The per-epoch metrics dict (MLflow names) and the F1 thresholds chosen on these same labels.
 
-    Means are NaN-means over findings: a finding whose AUC is undefined (one label value in this split)
-    is left out of the mean instead of making it NaN; `<prefix>_auc_findings` says how many the mean covers
-    (14 on any real validation split; fewer only on tiny ones).
+    Means are NaN-means over findings: a finding whose AUC is undefined (one label value in this split), or
+    whose F1 is (no positives), is left out of the mean instead of making it NaN; `<prefix>_auc_findings` and
+    `<prefix>_f1_findings` say how many each mean covers (14 on any real validation split; fewer only on tiny
+    ones).
     """
     if len(findings) != np.shape(y_true)[1]:
         raise ValueError(f"{len(findings)} finding names for {np.shape(y_true)[1]} label columns")
@@ -69,6 +73,7 @@ def epoch_metrics(y_true: np.ndarray, probs: np.ndarray, *, val_loss: float, fin
         f"{prefix}_auc_mean": _nanmean(auc),
         f"{prefix}_f1_mean": _nanmean(f1),
         f"{prefix}_auc_findings": float(np.isfinite(auc).sum()),
+        f"{prefix}_f1_findings": float(np.isfinite(f1).sum()),
     }
     metrics.update({f"{prefix}_auc_{name}": float(value) for name, value in zip(findings, auc)})
     metrics.update({f"{prefix}_f1_{name}": float(value) for name, value in zip(findings, f1)})
@@ -86,7 +91,7 @@ def _ratio(numerator: float, denominator: float) -> float:
 def binary_report(y_true: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, *,
                   findings: Sequence[str] = FINDINGS) -> dict[str, dict[str, float]]:
     """Per finding at the given (validation-chosen) thresholds: sensitivity, specificity, PPV, NPV, F1.
-    A ratio with an empty denominator is NaN; F1 is 0 there, as in per_class_f1."""
+    A ratio with an empty denominator is NaN; so is F1 without positives, as in per_class_f1."""
     y_true, probs = _binary(y_true), np.asarray(probs)
     report = {}
     for k, name in enumerate(findings):
@@ -98,7 +103,7 @@ def binary_report(y_true: np.ndarray, probs: np.ndarray, thresholds: np.ndarray,
             "specificity": _ratio(tn, tn + fp),
             "ppv": _ratio(tp, tp + fp),
             "npv": _ratio(tn, tn + fn),
-            "f1": _ratio(2 * tp, 2 * tp + fp + fn) if tp + fp + fn else 0.0,
+            "f1": _ratio(2 * tp, 2 * tp + fp + fn) if tp + fn else float("nan"),
         }
     return report
 

@@ -5,22 +5,12 @@ import contextlib
 import os
 import platform
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from .data.cache import CACHE_ENV, default_cache_dir  # noqa: F401 - defined beside the cache (torch-free)
 from .errors import DeviceUnavailable
-
-CACHE_ENV = "CXR_CACHE_DIR"
-
-
-def default_cache_dir() -> Path:
-    """Node-local decode-once cache: $CXR_CACHE_DIR, else the user's cache folder (shared by all trials on a node)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cxr-ablate"
 
 
 def pick_device() -> torch.device:

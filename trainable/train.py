@@ -1,16 +1,16 @@
 """train(config, data, report): one trial's loop, with per-epoch checkpoints it can resume from exactly.
 
 It knows nothing of Ray or MLflow: each epoch it writes a checkpoint folder and hands it, with the epoch's
-metrics, to `report`. Adapters (the CLI, trainable.tune) decide where reports and checkpoints go.
+metrics, to `report`. Adapters (the CLI, trainable.tune) decide where reports and checkpoints go. Checkpoints
+are written and reported from a background thread while the next epoch trains (trainable.checkpointing);
+resume is exact on the CPU, and on a GPU with deterministic=true (trainable.backends).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +19,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint_files import PREDICTIONS_FILE, STATE_FILE, THRESHOLDS_FILE
+from .backends import compile_model, configure_backends
+from .checkpoint_files import PREDICTIONS_FILE, STATE_FILE, THRESHOLDS_FILE  # noqa: F401 - re-exported
+from .checkpointing import EpochReporter, Predictions, Report
 from .config import TrialConfig
 from .data.augment import BatchAugment
-from .data.cache import open_cache
+from .data.cache import open_cache, split_cache_key
 from .data.demographics import demographic_matrix
 from .data.loader import OVERSAMPLERS, BatchLoader
 from .data.nih import PreparedData
 from .errors import ConfigError, TrialDiverged, UserError
-from .findings import FINDINGS
 from .losses import LabelStats, create_loss
 from .metrics import epoch_metrics
 from .models import create_model, input_stats
@@ -35,7 +36,11 @@ from .optim import create_optimizer, create_scheduler
 from .runtime import autocast, default_cache_dir, epoch_seeds, pick_device, seed_everything
 
 
-Report = Callable[[dict, Path], None]
+EVAL_BATCH_MIN = 256              # evaluation keeps no activations for backward: larger batches fit
+
+
+def eval_batch_size(cfg: TrialConfig) -> int:
+    return max(EVAL_BATCH_MIN, 2 * cfg.batch_size)
 
 
 @dataclass
@@ -50,7 +55,7 @@ class SplitArrays:
     def load(cls, data: PreparedData, split: str, cfg: TrialConfig, cache_dir: Path) -> "SplitArrays":
         frame = data.subset(split)
         images = open_cache(frame["path"].tolist(), image_size=cfg.image_size, cache_dir=cache_dir,
-                            key=f"{data.fingerprint}-{split}")
+                            key=split_cache_key(data.fingerprint, split))
         demographics = demographic_matrix(frame, cfg.demographics, age_fill=data.train_age_mean())
         return cls(images=images, labels=data.labels(split), demographics=demographics,
                    names=frame["image"].to_numpy(str))
@@ -61,6 +66,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     stopped_early: bool = False
+    # per epoch: seconds of training, of validation + metrics, and of checkpointing the loop waited for
+    timings: list[dict] = field(default_factory=list)
 
     @property
     def last(self) -> dict:
@@ -68,14 +75,18 @@ class TrainResult:
 
 
 def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: str | Path | None = None,
-          resume_from: str | Path | None = None, device: torch.device | None = None) -> TrainResult:
+          resume_from: str | Path | None = None, device: torch.device | None = None,
+          background_checkpoint: bool = True) -> TrainResult:
     """Train one trial; call `report(metrics, checkpoint_dir)` after every epoch.
 
     `resume_from` is a checkpoint folder written by an earlier epoch: training continues at the next epoch with
-    the same model, optimizer, scheduler and early-stopping state, and the same random draws.
+    the same model, optimizer, scheduler and early-stopping state, and the same random draws. `report` runs in
+    a background thread (background_checkpoint=False: in the loop, as before), always with a complete
+    checkpoint, in epoch order; every report has been made when train returns.
     """
     device = device or pick_device()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    configure_backends(cfg.deterministic)
     seed_everything(cfg.seed)
     train_split = SplitArrays.load(data, "train", cfg, cache_dir)
     val_split = SplitArrays.load(data, "val", cfg, cache_dir)
@@ -88,44 +99,57 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
     criterion = create_loss(cfg, LabelStats.from_labels(train_split.labels)).to(device)
     optimizer = create_optimizer(cfg, model, criterion)
     scheduler = create_scheduler(cfg, optimizer)
-    forward = torch.compile(model) if cfg.compile else model
+    forward = compile_model(model, cache_dir) if cfg.compile else model
 
     weights = OVERSAMPLERS[cfg.oversample](train_split.labels, cfg.oversample_power)
     pin = device.type == "cuda"
+    # A compiled model sees one training shape: the last partial batch is dropped (a fresh draw every epoch).
+    drop_last = cfg.compile and len(train_split.labels) >= cfg.batch_size
     train_loader = BatchLoader(train_split.images, train_split.labels, train_split.demographics,
-                               batch_size=cfg.batch_size, shuffle=True, weights=weights, seed=cfg.seed, pin_memory=pin)
+                               batch_size=cfg.batch_size, shuffle=True, weights=weights, seed=cfg.seed, pin_memory=pin,
+                               drop_last=drop_last)
     val_loader = BatchLoader(val_split.images, val_split.labels, val_split.demographics,
-                             batch_size=max(cfg.batch_size, 64), shuffle=False, seed=cfg.seed, pin_memory=pin)
+                             batch_size=eval_batch_size(cfg), shuffle=False, seed=cfg.seed, pin_memory=pin)
+    pad_eval_to = val_loader.batch_size if cfg.compile else None
 
     progress = TrialProgress()
     if resume_from is not None:
         progress = _restore(Path(resume_from), model, optimizer, scheduler, criterion, cfg)
 
     result = TrainResult(best_epoch=progress.best_epoch)
-    for epoch in range(progress.next_epoch, cfg.epochs + 1):
-        started = time.perf_counter()
-        train_loss, seen = _train_one_epoch(forward, augment, criterion, optimizer, train_loader, cfg, epoch, device)
-        train_seconds = time.perf_counter() - started
-        val_loss, probs = predict_probs(forward, augment, val_loader, cfg, device, criterion)
-        metrics, thresholds = epoch_metrics(val_split.labels, probs, val_loss=val_loss)
-        scheduler.step(val_loss)
-        progress.update(epoch, metrics["val_auc_mean"])
-        stop = progress.should_stop(cfg.early_stop_patience)
-        # early_stopped=1 on the last report of a trial that ended itself (schedulers' stops are not marked)
-        metrics = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-                   "train_images_per_s": seen / train_seconds, "early_stopped": float(stop and epoch < cfg.epochs),
-                   **metrics}
-        checkpoint = _write_checkpoint(model, optimizer, scheduler, criterion, progress, cfg, val_split, probs,
-                                       thresholds)
-        try:
-            report(metrics, checkpoint)
-        finally:
-            shutil.rmtree(checkpoint, ignore_errors=True)
-        result.history.append(metrics)
-        result.best_epoch = progress.best_epoch
-        if stop:
-            result.stopped_early = epoch < cfg.epochs
-            break
+    reporter = EpochReporter(report, background=background_checkpoint)
+    try:
+        for epoch in range(progress.next_epoch, cfg.epochs + 1):
+            started = time.perf_counter()
+            train_loss, seen = _train_one_epoch(forward, augment, criterion, optimizer, train_loader, cfg, epoch,
+                                                device, between_steps=reporter.raise_pending)
+            trained = time.perf_counter()
+            val_loss, probs = predict_probs(forward, augment, val_loader, cfg, device, criterion, pad_to=pad_eval_to)
+            metrics, thresholds = epoch_metrics(val_split.labels, probs, val_loss=val_loss)
+            epoch_seconds = time.perf_counter() - started          # training + validation: what plan_sweep costs
+            scheduler.step(val_loss)
+            progress.update(epoch, metrics["val_auc_mean"])
+            stop = progress.should_stop(cfg.early_stop_patience)
+            # early_stopped=1 on the last report of a trial that ended itself (schedulers' stops are not marked)
+            metrics = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                       "train_images_per_s": seen / (trained - started), "epoch_seconds": epoch_seconds,
+                       "early_stopped": float(stop and epoch < cfg.epochs), **metrics}
+            validated = time.perf_counter()
+            reporter.submit(metrics, _checkpoint_state(model, optimizer, scheduler, criterion, progress, cfg),
+                            Predictions(val_split.names, val_split.labels, probs, thresholds))
+            result.timings.append({"train_s": trained - started, "val_s": validated - trained,
+                                   "checkpoint_s": time.perf_counter() - validated})
+            result.history.append(metrics)
+            result.best_epoch = progress.best_epoch
+            if stop:
+                result.stopped_early = epoch < cfg.epochs
+                break
+        waited = time.perf_counter()
+        reporter.wait()                      # the last report is made before train returns
+        if result.timings:
+            result.timings[-1]["checkpoint_s"] += time.perf_counter() - waited
+    finally:
+        reporter.close()
     return result
 
 
@@ -135,7 +159,9 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
 CUDA_FINITE_CHECK_EVERY = 50
 
 
-def _train_one_epoch(model, augment, criterion, optimizer, loader, cfg, epoch, device) -> tuple[float, int]:
+def _train_one_epoch(model, augment, criterion, optimizer, loader, cfg, epoch, device,
+                     between_steps: Callable[[], None] | None = None) -> tuple[float, int]:
+    """One epoch of training; `between_steps` runs before every step (the checkpoint writer's errors surface there)."""
     model.train()
     augment.train()
     dropout_seed, augment_seed = epoch_seeds(cfg.seed, epoch)
@@ -146,6 +172,8 @@ def _train_one_epoch(model, augment, criterion, optimizer, loader, cfg, epoch, d
     # closing(): an exception mid-epoch stops the loader's prefetch thread now, not when garbage-collected
     with contextlib.closing(loader.epoch(epoch)) as batches:
         for step, batch in enumerate(batches):
+            if between_steps is not None:
+                between_steps()
             batch = batch.to(device)
             loss = _train_step(model, augment, criterion, optimizer, batch, generator, cfg, device)
             if step % check_every == 0:
@@ -177,24 +205,37 @@ def _check_finite(loss: torch.Tensor, epoch: int, step, optimizer, cfg: TrialCon
 
 
 @torch.no_grad()
-def predict_probs(model, augment, loader, cfg, device, criterion=None) -> tuple[float, np.ndarray]:
+def predict_probs(model, augment, loader, cfg, device, criterion=None, pad_to: int | None = None
+                  ) -> tuple[float, np.ndarray]:
     """Probabilities for every row of `loader`, in its order, and the mean loss (NaN without a criterion).
 
     The one evaluation step: validation during training and test prediction in final training both use it.
+    `pad_to`: a shorter batch is padded with zero rows to this size (their outputs dropped), so a compiled
+    model sees one evaluation shape.
     """
     model.eval()
     augment.eval()
     losses, probs = [], []
     for batch in loader.epoch(0):
         batch = batch.to(device)
+        count = len(batch)
+        images, demographics = batch.images, batch.demographics
+        if pad_to is not None and count < pad_to:
+            images, demographics = _pad_rows(images, pad_to), _pad_rows(demographics, pad_to)
         with autocast(cfg.precision, device):
-            logits = model(augment(batch.images), batch.demographics).float()
+            logits = model(augment(images), demographics).float()[:count]
         if criterion is not None:
             losses.append(criterion(logits, batch.labels) * len(batch.labels))
         probs.append(torch.sigmoid(logits))
     probs_all = torch.cat(probs).cpu().numpy().astype(np.float32)
     mean_loss = float(torch.stack(losses).sum()) / len(probs_all) if losses else math.nan
     return mean_loss, probs_all
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    padded = torch.cat([tensor, tensor.new_zeros((rows - len(tensor), *tensor.shape[1:]))])
+    # An empty tensor (no demographic inputs) keeps its strides: a compiled model's guards compare them too.
+    return padded.as_strided(padded.shape, tensor.stride()) if tensor.numel() == 0 else padded
 
 
 # --- progress and checkpoints -------------------------------------------------------------------
@@ -217,20 +258,15 @@ class TrialProgress:
         return patience > 0 and self.epochs_without_gain >= patience
 
 
-def _write_checkpoint(model, optimizer, scheduler, criterion, progress: TrialProgress, cfg: TrialConfig,
-                      val: SplitArrays, probs: np.ndarray, thresholds: np.ndarray) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="cxr-checkpoint-"))
-    # the criterion's own learned variables (aucm's a, b, alpha) resume with the model
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "criterion": criterion.state_dict(),
-                "progress": vars(progress), "config": cfg.to_dict(),
-                # randomness is re-derived from (seed, epoch): see runtime.epoch_seeds
-                "rng": {"seed": cfg.seed, "next_epoch": progress.next_epoch}},
-               folder / STATE_FILE)
-    np.savez_compressed(folder / PREDICTIONS_FILE, images=val.names, labels=val.labels, probs=probs,
-                        findings=np.array(FINDINGS))
-    (folder / THRESHOLDS_FILE).write_text(json.dumps(dict(zip(FINDINGS, map(float, thresholds))), indent=2))
-    return folder
+def _checkpoint_state(model, optimizer, scheduler, criterion, progress: TrialProgress, cfg: TrialConfig
+                      ) -> dict:
+    """What STATE_FILE holds (live tensors: the reporter copies them to the host before the next step)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            # the criterion's own learned variables (aucm's a, b, alpha) resume with the model
+            "scheduler": scheduler.state_dict(), "criterion": criterion.state_dict(),
+            "progress": dict(vars(progress)), "config": cfg.to_dict(),
+            # randomness is re-derived from (seed, epoch): see runtime.epoch_seeds
+            "rng": {"seed": cfg.seed, "next_epoch": progress.next_epoch}}
 
 
 def load_checkpoint(folder: str | Path, cfg: TrialConfig) -> dict:
@@ -263,10 +299,18 @@ def _restore(folder: Path, model, optimizer, scheduler, criterion, cfg: TrialCon
 
 
 def copy_checkpoint(source: Path, destination: Path) -> None:
-    """Copy a checkpoint folder so that `destination` appears complete or not at all."""
+    """Copy a checkpoint folder so that `destination` appears complete or not at all; on any failure (a full disk)
+    the partial copy is removed and the OSError raised as is (shutil.copytree would wrap it without its errno)."""
     staging = destination.with_name(destination.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    if destination.exists():
-        shutil.rmtree(destination)
-    os.replace(staging, destination)
+    try:
+        staging.mkdir(parents=True)
+        for entry in source.iterdir():
+            copy = shutil.copytree if entry.is_dir() else shutil.copy2
+            copy(entry, staging / entry.name)
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -3,13 +3,17 @@ memory-mapped array that all later trials on the node reuse.
 
 Files in `cache_dir`, named from the caller's key and the image size (`<stem>` = `<key>-<size>`):
   <stem>.u8        raw (N, size, size) uint8 rows, row i = paths[i]
-  <stem>.json      manifest: shape, dtype, count, hash of the path list, completion stamp — written last
+  <stem>.json      manifest: shape, dtype, count, hash of the path list, completion stamp and build id — written
+                   last
   <stem>.lock      serializes builders and readers across processes
   <stem>.u8.partial-<pid>-<random>, <stem>.json.partial   in-progress files; stale ones (a killed build)
                    are removed by the next build
 A cache counts as valid only when the manifest exists, matches the requested shape and path list, and the data
 file has the expected size; anything else is rebuilt. Because the data file is renamed into place before the
 manifest is written, an interrupted build never leaves a cache that looks valid.
+
+`build_cache` builds (a sweep's driver runs it once per node before any trial starts, see
+sweeps/cache_warmup.py); `open_cache` maps, building first only when no valid cache is there.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -29,8 +34,10 @@ from filelock import FileLock
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..errors import DataError
+from ..errors import NO_SPACE_ERRNOS, DataError
 
+CACHE_ENV = "CXR_CACHE_DIR"
+TRIAL_SPLITS = ("train", "val")   # the splits a trial reads (trainable.train); a sweep's driver caches them first
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MANIFEST_FORMAT = 1
 # Same filter as torchvision's Resize default, which every reference CheXNet implementation uses on PIL images.
@@ -40,6 +47,19 @@ RESAMPLE = Image.Resampling.BILINEAR
 REDUCING_GAP = 2.0
 IMAGES_PER_TASK = 32          # small tasks balance the workers and keep the progress bar moving
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def default_cache_dir() -> Path:
+    """Node-local decode-once cache: $CXR_CACHE_DIR, else the user's cache folder (shared by all trials on a node)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cxr-ablate"
+
+
+def split_cache_key(fingerprint: str, split: str) -> str:
+    """The cache key of one split of a prepared data set (with the image size it names the cache files)."""
+    return f"{fingerprint}-{split}"
 
 
 # --- decoding ----------------------------------------------------------------------------------------------
@@ -164,8 +184,18 @@ def _is_valid(files: _CacheFiles, expected: dict) -> bool:
     return matches and manifest.get("complete") is True and data_size == int(np.prod(expected["shape"]))
 
 
+def read_manifest(cache_dir: str | os.PathLike, key: str, image_size: int) -> dict | None:
+    """The manifest of a (key, size) cache, or None when there is none (yet)."""
+    try:
+        return json.loads(_CacheFiles(Path(cache_dir), key, image_size).manifest.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _write_manifest(files: _CacheFiles, expected: dict) -> None:
-    manifest = {**expected, "complete": True, "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    # build_id tells one build from the next: a cache rebuilt in place has the same name but a new id.
+    manifest = {**expected, "complete": True, "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "build_id": uuid.uuid4().hex}
     with open(files.partial_manifest, "w") as handle:
         json.dump(manifest, handle, indent=2)
         handle.flush()
@@ -190,12 +220,25 @@ def _tasks(paths: Sequence[str]) -> list[tuple[int, Sequence[str]]]:
     return [(start, paths[start:start + IMAGES_PER_TASK]) for start in range(0, len(paths), IMAGES_PER_TASK)]
 
 
-def _decode_inline(data_path: str, paths: Sequence[str], image_size: int, bar: tqdm) -> None:
+class _Progress:
+    """The progress bar, and the caller's callback (images decoded since the last call) if there is one."""
+
+    def __init__(self, bar: tqdm, callback: Callable[[int], None] | None) -> None:
+        self.bar, self.callback = bar, callback
+
+    def update(self, count: int) -> None:
+        self.bar.update(count)
+        if self.callback is not None:
+            self.callback(count)
+
+
+def _decode_inline(data_path: str, paths: Sequence[str], image_size: int, bar: _Progress) -> None:
     for start, chunk in _tasks(paths):
         bar.update(_decode_chunk(data_path, start, chunk, image_size))
 
 
-def _decode_in_threads(data_path: str, paths: Sequence[str], image_size: int, bar: tqdm, workers: int) -> None:
+def _decode_in_threads(data_path: str, paths: Sequence[str], image_size: int, bar: _Progress, workers: int
+                       ) -> None:
     # Threads, not processes: Pillow releases the GIL while it inflates, unfilters, reduces and resizes (over
     # 95% of the time per image), so threads scale like processes without their cost: no interpreter start
     # and re-import per worker (seconds under load, which made a 2-worker spawn pool slower than 1 worker),
@@ -221,14 +264,27 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _reserve(path: Path, size: int) -> None:
+    """Create `path` with `size` bytes allocated on disk. A sparse file would let a full disk surface as SIGBUS
+    (`Bus error`, no message) at the first page the workers write through the memory map."""
+    with open(path, "wb") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as error:
+            if error.errno not in NO_SPACE_ERRNOS:
+                raise
+            raise _no_space(path.parent, size, path.name.split(".partial")[0], error.strerror) from None
+
+
 def _build(files: _CacheFiles, paths: Sequence[str], image_size: int, expected: dict, workers: int,
-           progress: bool) -> None:
+           progress: bool, on_progress: Callable[[int], None] | None = None) -> None:
     files.remove_incomplete()
-    with open(files.partial_data, "wb") as handle:
-        handle.truncate(int(np.prod(expected["shape"])))     # sparse until the workers fill it
     try:
-        with tqdm(total=len(paths), unit="img", disable=not progress,
-                  desc=f"caching {files.data.name}") as bar:
+        _reserve(files.partial_data, int(np.prod(expected["shape"])))
+        # disable=None: a bar on a terminal only, never in a Ray trial's piped output (it would land in Tune's table)
+        with tqdm(total=len(paths), unit="img", disable=None if progress else True,
+                  desc=f"caching {files.data.name}") as progress_bar:
+            bar = _Progress(progress_bar, on_progress)
             if workers <= 1:
                 _decode_inline(str(files.partial_data), paths, image_size, bar)
             else:
@@ -249,6 +305,68 @@ def _empty(shape: tuple[int, int, int]) -> np.ndarray:
     return empty
 
 
+def _request(paths: Sequence[str], image_size: int, cache_dir: str | os.PathLike, key: str
+             ) -> tuple[list[str], _CacheFiles, dict]:
+    if not _KEY_PATTERN.fullmatch(key):
+        raise ValueError(f"cache key {key!r} must be a file-name stem of letters, digits, '.', '_' or '-'")
+    paths = [os.fspath(path) for path in paths]
+    files = _CacheFiles(Path(cache_dir), key, image_size)
+    return paths, files, _expected_manifest((len(paths), image_size, image_size), _paths_hash(paths))
+
+
+def _ensure_built(files: _CacheFiles, paths: list[str], image_size: int, expected: dict, workers: int | None,
+                  progress: bool, on_progress: Callable[[int], None] | None) -> bool:
+    """Under the cache's lock: build it unless a valid one is there; True when this call built it."""
+    if _is_valid(files, expected):
+        return False
+    workers = max(1, min(workers or default_workers(), len(_tasks(paths))))
+    _build(files, paths, image_size, expected, workers, progress, on_progress)
+    return True
+
+
+def build_cache(paths: Sequence[str], *, image_size: int, cache_dir: str | os.PathLike, key: str,
+                workers: int | None = None, progress: bool = True,
+                on_progress: Callable[[int], None] | None = None) -> bool:
+    """Build the (key, size, paths) cache unless a valid one exists; True when this call built it.
+
+    Same files, lock and workers as open_cache, which then only maps it; `on_progress(n)` is called as
+    images are decoded (not at all for a cache that was already there).
+    """
+    paths, files, expected = _request(paths, image_size, cache_dir, key)
+    if not paths:
+        return False
+    files.folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(files.lock):
+        return _ensure_built(files, paths, image_size, expected, workers, progress, on_progress)
+
+
+def cache_bytes(count: int, image_size: int) -> int:
+    return count * image_size * image_size
+
+
+def check_cache_space(cache_dir: str | os.PathLike, caches: Sequence[tuple[str, Sequence[str], int]]) -> None:
+    """Refuse, before any trial starts, caches (key, paths, image size) that do not fit on the cache folder's disk;
+    caches already built there count nothing."""
+    cache_dir = Path(cache_dir)
+    missing = [(key, len(paths), size) for key, paths, size in caches if paths and not _is_valid(
+        _CacheFiles(cache_dir, key, size), _expected_manifest((len(paths), size, size), _paths_hash(paths)))]
+    needed = sum(cache_bytes(count, size) for _, count, size in missing)
+    if needed > _free_bytes(cache_dir):
+        sizes = ", ".join(str(size) for size in sorted({size for _, _, size in missing}))
+        images = sum(count for _, count, _ in missing)
+        raise _no_space(cache_dir, needed, f"{len(missing)} cache file(s), {images} images at {sizes} px")
+
+
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(next(f for f in (folder, *folder.parents) if f.exists())).free
+
+
+def _no_space(folder: Path, needed: int, what: str, reason: str | None = None) -> DataError:
+    return DataError(f"{folder}: no space for the image cache ({what}): {needed} bytes ({needed / 2**20:.1f} MiB) "
+                     f"needed, {_free_bytes(folder)} bytes free{f' ({reason})' if reason else ''}; free space there "
+                     f"or point --cache-dir / ${CACHE_ENV} at a larger disk")
+
+
 def open_cache(paths: Sequence[str], *, image_size: int, cache_dir: str | os.PathLike, key: str,
                workers: int | None = None, progress: bool = True) -> np.ndarray:
     """Read-only (N, image_size, image_size) uint8 memmap, row i = paths[i]; built once per (key, size, paths).
@@ -257,18 +375,11 @@ def open_cache(paths: Sequence[str], *, image_size: int, cache_dir: str | os.Pat
     node serialize on a file lock: one builds, the others wait and then reuse. `workers` (decoding threads)
     defaults to all cores this process may use. An empty path list gives an empty read-only array (no files).
     """
-    if not _KEY_PATTERN.fullmatch(key):
-        raise ValueError(f"cache key {key!r} must be a file-name stem of letters, digits, '.', '_' or '-'")
-    paths = [os.fspath(path) for path in paths]
-    shape = (len(paths), image_size, image_size)
+    paths, files, expected = _request(paths, image_size, cache_dir, key)
+    shape = tuple(expected["shape"])
     if not paths:
         return _empty(shape)
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    files = _CacheFiles(cache_dir, key, image_size)
-    expected = _expected_manifest(shape, _paths_hash(paths))
+    files.folder.mkdir(parents=True, exist_ok=True)
     with FileLock(files.lock):
-        if not _is_valid(files, expected):
-            workers = max(1, min(workers or default_workers(), len(_tasks(paths))))
-            _build(files, paths, image_size, expected, workers, progress)
+        _ensure_built(files, paths, image_size, expected, workers, progress, None)
         return np.memmap(files.data, dtype=np.uint8, mode="r", shape=shape)

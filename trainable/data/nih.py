@@ -115,11 +115,22 @@ def _read_raw_csv(csv_path: Path) -> pd.DataFrame:
     missing = [name for name in REQUIRED_COLUMNS if name not in raw.columns]
     if missing:
         raise DataError(f"{csv_path}: missing column(s) {', '.join(map(repr, missing))}; "
-                        f"expected the NIH header with {', '.join(REQUIRED_COLUMNS)}")
+                        f"expected the NIH header with {', '.join(REQUIRED_COLUMNS)}{_separator_hint(raw.columns)}")
     if raw.empty:
         raise DataError(f"{csv_path}: has a header but no rows; expected one row per image")
     present = [name for name in (IMAGE_COLUMN, LABELS_COLUMN, *FIELD_PARSERS) if name in raw.columns]
     return raw[present].apply(lambda column: column.str.strip())
+
+
+def _separator_hint(columns: pd.Index) -> str:
+    """A header read as one column that holds the NIH names joined by another separator: say so."""
+    if len(columns) != 1:
+        return ""
+    for separator, name in ((";", "semicolon"), ("\t", "tab"), ("|", "'|'")):
+        if sum(required in columns[0].split(separator) for required in REQUIRED_COLUMNS) >= 2:
+            return (f" (the header is one column with {name}-separated names: the file is likely saved with "
+                    f"{separator!r} as separator; save it comma-separated)")
+    return ""
 
 
 def _check_image_names(csv_path: Path, images: pd.Series) -> None:
@@ -176,6 +187,9 @@ def parse_entries(csv_path: str | os.PathLike) -> pd.DataFrame:
 # --- locating files ---------------------------------------------------------------------------------------
 
 def _require_folder(data_dir: Path) -> None:
+    if data_dir.is_file():
+        raise DataError(f"{data_dir}: is a file; expected the NIH ChestX-ray14 folder holding {CSV_NAMES[0]} and "
+                        f"images/ (perhaps {data_dir.parent})")
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data folder not found; expected the NIH ChestX-ray14 folder holding "
                         f"{CSV_NAMES[0]} and images/ (or Kaggle's images_NNN/images/)")
@@ -540,6 +554,12 @@ class PreparedData:
         notes = [self.unknown_ages.note()]
         if self.skipped_missing:
             notes.append(f"skipped {self.skipped_missing} image(s) listed in the CSV but not on disk (--skip-missing)")
+        for split, consequence in (("train", "the model sees no positive example of them"),
+                                   ("val", "their validation AUC is undefined and left out of val_auc_mean")):
+            absent = [finding for finding, count in zip(FINDINGS, self.labels(split).sum(axis=0)) if count == 0]
+            if absent:
+                notes.append(f"warning: the {split} split has no positive image of {len(absent)} finding(s), "
+                             f"{', '.join(absent)}: {consequence}")
         return [note for note in notes if note]
 
     def train_age_mean(self) -> float:
