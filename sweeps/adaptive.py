@@ -18,7 +18,6 @@ resume: Tune syncs its own copy of that folder over it.)
 from __future__ import annotations
 
 import json
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -75,13 +74,17 @@ class AdaptiveSeeds(Searcher):
         name = trial_run_name({ARM_KEY: arm, "seed": seed}, trial_id)
         self.checkpoints[f"{arm}/{seed}"] = f"{self.location.path}/{name}_{trial_id}/{checkpoint}"
 
+    # What changes during a sweep, as JSON: nothing in the state a resume reads can run code when loaded.
+    STATE = ("queue", "pending", "checkpoints", "failed", "finished")
+
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as stream:
-            pickle.dump(self.__dict__, stream)
+        Path(checkpoint_path).write_text(json.dumps({key: getattr(self, key) for key in self.STATE}))
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as stream:
-            self.__dict__.update(pickle.load(stream))
+        state = json.loads(Path(checkpoint_path).read_text())
+        self.queue = [tuple(item) for item in state["queue"]]
+        self.pending = {trial_id: tuple(item) for trial_id, item in state["pending"].items()}
+        self.checkpoints, self.failed, self.finished = state["checkpoints"], state["failed"], state["finished"]
 
     # --- rounds -----------------------------------------------------------------------------------------------
     def _next_round(self) -> None:

@@ -15,7 +15,8 @@ from trainable.checkpointing import HostCopy
 from trainable.config import TrialConfig
 from trainable.data.loader import BatchLoader
 from trainable.models import create_model
-from trainable.train import PREDICTIONS_FILE, STATE_FILE, THRESHOLDS_FILE, load_checkpoint, predict_probs, train
+from trainable.train import (PREDICTIONS_FILE, STATE_FILE, THRESHOLDS_FILE, TIMING_METRICS, load_checkpoint,
+                             predict_probs, train)
 
 TINY = dict(backbone="test_resnet", pretrained="none", image_size=32, epochs=2, batch_size=16)
 # Exact resume is a CPU guarantee; on a GPU it needs deterministic mode (trainable/backends.py).
@@ -39,7 +40,8 @@ def model_state(checkpoint):
 def same_metrics(a: dict, b: dict) -> bool:
     """Equal, timings aside; NaN (a finding without positives in the small validation split) equals NaN."""
     def kept(metrics):
-        return {k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items() if "per_s" not in k}
+        return {k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()
+                if k not in TIMING_METRICS}
     return kept(a) == kept(b)
 
 

@@ -306,16 +306,20 @@ def test_until_decided_adds_seeds_only_to_the_undecided_arm_and_resumes_after_a_
             "--margin", "0.0001", "--epochs", "2", "--val-fraction", "0.3", *TINY]
     sweep = subprocess.Popen(command("run_ablation.py", *args), cwd=REPO, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill driver, Ray and trials at once in round 2, once one of its trials has checkpointed its first epoch.
+    # Kill driver, Ray and trials at once in round 2: once both of its trials have started (Tune starts the
+    # second when a slot frees) and one has checkpointed its first epoch.
+    def started() -> set[str]:
+        return {m.group(1) for p in (out / "ud").glob("*_*") if p.is_dir() and (m := re.match(r"(.+-s\d+)_", p.name))}
+
     deadline = time.monotonic() + SWEEP_TIMEOUT_S
-    while not glob.glob(str(out / "ud" / "*-s2_*" / "checkpoint_000000")):
+    while not ({"baseline-s2", "baseline_copy-s2"} <= started()
+               and glob.glob(str(out / "ud" / "*-s2_*" / "checkpoint_000000"))):
         assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
         time.sleep(0.5)
     os.killpg(sweep.pid, signal.SIGKILL)
     sweep.wait(timeout=60)
     # round 2 went to the undecided arm and the baseline only
-    started = {m.group(1) for p in (out / "ud").iterdir() if p.is_dir() and (m := re.match(r"(.+-s\d+)_", p.name))}
-    assert {"baseline-s2", "baseline_copy-s2"} <= started and "frozen-s2" not in started
+    assert "frozen-s2" not in started() and not any(name.endswith("-s3") for name in started())
 
     done = run_sweep(env, "run_ablation.py", "--resume", "--out", str(out))
     assert done.returncode == 0

@@ -36,6 +36,8 @@ from .optim import create_optimizer, create_scheduler
 from .runtime import autocast, default_cache_dir, epoch_seeds, pick_device, seed_everything
 
 
+# Metrics that measure the machine, not the model: they differ between two runs of the same trial.
+TIMING_METRICS = ("train_images_per_s", "epoch_seconds")
 EVAL_BATCH_MIN = 256              # evaluation keeps no activations for backward: larger batches fit
 
 
