@@ -69,10 +69,38 @@ def blind_test_labels(data: PreparedData) -> PreparedData:
     return dataclasses.replace(data, frame=frame)
 
 
+def selection_key(metrics: dict) -> tuple[bool, float, int]:
+    """How epochs are ranked for selection: by validation mean AUC, any number above NaN, the later epoch on a tie.
+
+    This is the order in which Ray Tune ranks checkpoints (CheckpointConfig with checkpoint_score_attribute), so
+    the checkpoint Tune keeps as a member's best (sweeps/final_tune.py) is the epoch selected here."""
+    value = float(metrics[SELECTION_METRIC])
+    finite = not math.isnan(value)
+    return finite, value if finite else -math.inf, int(metrics["epoch"])
+
+
+def select_epoch(history: Sequence[dict]) -> int:
+    return int(max(history, key=selection_key)["epoch"])
+
+
+def read_checkpoint(spec: MemberSpec, metrics: dict, checkpoint: str | Path, history: list[dict]) -> TrainedMember:
+    """The member as selected: the weights and validation predictions saved in the checkpoint of the epoch whose
+    `metrics` are given (checked against the epoch the checkpoint says it ends)."""
+    state = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
+    if state["progress"]["next_epoch"] != int(metrics["epoch"]) + 1:
+        raise RuntimeError(f"{checkpoint}: a checkpoint of epoch {state['progress']['next_epoch'] - 1}, not of the "
+                           f"selected epoch {metrics['epoch']} of member {spec.name}")
+    with np.load(Path(checkpoint) / PREDICTIONS_FILE, allow_pickle=False) as saved:
+        images, probs = saved["images"].astype(str), saved["probs"]
+    value = float(metrics[SELECTION_METRIC])
+    return TrainedMember(spec=spec, selected_epoch=int(metrics["epoch"]),
+                         selected_value=value if math.isfinite(value) else -math.inf, state_dict=state["model"],
+                         val_images=images, val_probs=probs, history=history)
+
+
 def train_member(spec: MemberSpec, data: PreparedData, *, cache_dir: str | Path | None = None,
                  on_epoch: EpochCallback | None = None) -> TrainedMember:
-    """Train one member; keep the checkpoint of the epoch with the best validation mean AUC (the first epoch
-    when none is finite), as trainable.train's own best-epoch bookkeeping does."""
+    """Train one member in this process; keep the checkpoint of the epoch `selection_key` ranks best."""
     kept: dict = {}
     history: list[dict] = []
 
@@ -80,19 +108,13 @@ def train_member(spec: MemberSpec, data: PreparedData, *, cache_dir: str | Path 
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(spec, metrics)
-        value = float(metrics[SELECTION_METRIC])
-        if kept and not value > kept["value"]:
+        if kept and not selection_key(metrics) > selection_key(kept["metrics"]):
             return
         # The folder is deleted when report returns: copy what is kept into memory now.
-        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)["model"]
-        with np.load(checkpoint / PREDICTIONS_FILE, allow_pickle=False) as saved:
-            kept.update(epoch=int(metrics["epoch"]), value=value if math.isfinite(value) else -math.inf,
-                        state=state, images=saved["images"].astype(str), probs=saved["probs"])
+        kept.update(metrics=metrics, member=read_checkpoint(spec, metrics, checkpoint, history))
 
     train(spec.config, data, report, cache_dir=cache_dir)
-    return TrainedMember(spec=spec, selected_epoch=kept["epoch"], selected_value=kept["value"],
-                         state_dict=kept["state"], val_images=kept["images"], val_probs=kept["probs"],
-                         history=history)
+    return kept["member"]
 
 
 @dataclass
@@ -136,7 +158,8 @@ class FinalModel:
 def fit_final(specs: Sequence[MemberSpec], data: PreparedData, *, cache_dir: str | Path | None = None,
               on_epoch: EpochCallback | None = None,
               on_member: Callable[[TrainedMember], None] | None = None) -> FinalModel:
-    """Train every member, decide on validation, then predict the test split (without its labels)."""
+    """Train every member here, one after another (sweeps/final_tune.py trains them as Ray Tune trials), decide on
+    validation, then predict the test split (without its labels)."""
     blinded = blind_test_labels(data)
     members = []
     for spec in specs:
@@ -144,7 +167,14 @@ def fit_final(specs: Sequence[MemberSpec], data: PreparedData, *, cache_dir: str
         if on_member is not None:
             on_member(member)
         members.append(member)
-    validation = decide_on_validation(members, blinded.labels("val"))
     test_probs = [predict(m.spec.config, m.state_dict, blinded, "test", cache_dir) for m in members]
-    return FinalModel(members=members, validation=validation,
-                      test_images=blinded.subset("test")["image"].to_numpy(str), test_probs_by_member=test_probs)
+    return final_model(members, blinded, test_probs)
+
+
+def final_model(members: Sequence[TrainedMember], blinded: PreparedData, test_probs: Sequence[np.ndarray]
+                ) -> FinalModel:
+    """The members with the decisions taken on validation and their test predictions (of blinded data: made
+    without test labels)."""
+    validation = decide_on_validation(members, blinded.labels("val"))
+    return FinalModel(members=list(members), validation=validation,
+                      test_images=blinded.subset("test")["image"].to_numpy(str), test_probs_by_member=list(test_probs))

@@ -1,29 +1,41 @@
 """`python sweeps/train_best.py`: retrain the best config(s) with a longer budget and evaluate on the test split.
 
-Order: arguments, configs, MLflow store and data are checked first; then the members train (each keeps its epoch
-with the best validation mean AUC), thresholds are chosen on validation, the test split is predicted once, and only
-then are its labels read for the report (sweeps/final.py keeps that order structural).
+Order: arguments, configs, MLflow store and data are checked first; then the members train as Ray Tune trials on
+the cluster (sweeps/final_tune.py; each keeps its epoch with the best validation mean AUC), thresholds are chosen
+on validation, the test split is predicted once, and only then are its labels read for the report (sweeps/final.py
+keeps that order structural). A killed run continues with `--resume`, as a sweep does.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
+from mlflow import MlflowClient
+
+from dashboards.commands import python_words, shell_join
 from dashboards.evidence import CONFIG_FILE, EVIDENCE_TAG, config_evidence
 from trainable.data.options import DATA_OPTIONS, add_data_arguments, data_spec
 from trainable.config import parse_overrides
 from trainable.data.nih import PreparedData, prepare_dataset, write_text_atomically
 from trainable.errors import ConfigError, UserError, out_of_space
 from trainable.findings import FINDINGS
+from trainable.tune import TrialContext
 
-from .final import FinalModel, MemberSpec, TrainedMember, fit_final, member_specs
+from . import final_tune
+from .final import FinalModel, MemberSpec, TrainedMember, blind_test_labels, final_model, member_specs
 from .final_sources import Candidate, from_config_file, sweep_candidates, sweep_data_arguments
-from .final_tracking import FAILED, FINISHED, KILLED, FinalRun
-from .options import positive_int
-from .tracking import artifact_location, connect, git_commit, resolve_tracking_uri, ui_command
+from .final_tracking import FAILED, FINISHED, KILLED, FinalRun, global_tracking_uri
+from .naming import trial_run_name
+from .options import RESUMABLE_OPTIONS, add_cluster_arguments, add_storage_arguments, positive_int
+from .record import RECORD_FILE, SweepLocation, SweepRecord, check_name, storage_root, sweep_lock
+from .runner import (absolute_local_paths, adopt_arguments, cluster_session, exit_code, locate_resumed, settle,
+                     verify_resumable)
+from .tracking import artifact_location, connect, git_commit, mask_secrets, resolve_tracking_uri, ui_command
+from .tune_state import record_written
 
 DESCRIPTION = """Final training: the best config of a sweep (or a config file) trained with a longer budget over
 one or more seeds, epochs selected and F1 thresholds chosen on validation only, then evaluated once on the test split:
@@ -33,16 +45,22 @@ Grad-CAM overlays, a comparison with published AUCs, and the model registered in
     python sweeps/train_best.py --from-sweep srch --epochs 20 --seeds 3          # data as the sweep recorded it
     python sweeps/train_best.py --config runs/srch/best_config.json --data /data/nih --epochs 20
     python sweeps/train_best.py --from-sweep abl --ensemble 3                      # average the top-3 configs
+    python sweeps/train_best.py --from-sweep abl --seeds 3 --address auto --storage /nfs/final --gpus-per-trial 1
+    python sweeps/train_best.py --resume --storage /nfs/final                     # continue a killed run
 """
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = "final-training"
 DEFAULT_MODEL_NAME = "cxr-classifier"
+KIND = "final"                   # the kind in sweep.json: what `--resume` looks for
+# What a resumed final training may change (where it runs and logs); the rest is the recorded run's.
+NOT_RECORDED = (*RESUMABLE_OPTIONS, "storage", "resume", "overwrite")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python sweeps/train_best.py", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_argument_group("configs").add_mutually_exclusive_group(required=True)
+    source = parser.add_argument_group("configs (one is required, except with --resume)"
+                                       ).add_mutually_exclusive_group()
     source.add_argument("--from-sweep", metavar="SWEEP",
                         help="a sweep's parent run id or MLflow experiment name: its configs ranked by validation "
                              "mean AUC (seeds of one config averaged)")
@@ -58,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key of every member, repeatable (e.g. --set batch_size=64)")
     final.add_argument("--out", default=None,
                        help="output folder (default: runs/final-<timestamp>); must be new or empty")
-    final.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    final.add_argument("--overwrite", action="store_true",
+                       help="replace what a non-empty --out (or its Tune folder in --storage) holds")
+    add_storage_arguments(final, storage_default="the folder holding --out; the members' Tune folder is named "
+                                                  "after --out", what="final training (NAME: its --out folder's name)")
     report = parser.add_argument_group("evaluation")
     report.add_argument("--bootstrap", type=positive_int, default=1000,
                         help="bootstrap resamples of the test images for AUC CIs (default: %(default)s)")
@@ -80,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="NIH ChestX-ray14 folder (default with --from-sweep: the sweep's data and split "
                              "options, as recorded on its parent run; options given here override them)")
     add_data_arguments(parser)
+    add_cluster_arguments(parser)
     return parser
 
 
@@ -87,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        run(args, parser)
+        with contextlib.ExitStack() as held:     # the run's lock, for as long as this driver runs it
+            return run(args, parser, held)
     except OSError as err:
         full = out_of_space(err, f"--out {args.out or 'runs'}")
         if full is None:
@@ -97,16 +120,34 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 # --- before training --------------------------------------------------------------------------------------------
 
-def _output_folder(args: argparse.Namespace) -> Path:
+def _locate(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contextlib.ExitStack
+            ) -> tuple[Path, SweepLocation, SweepRecord | None, str]:
+    """(the output folder, the members' Tune folder `<storage>/<out's name>`, locked for this driver, the record
+    when resuming, the MLflow tracking URI)."""
+    storage = storage_root(args.storage, Path(args.out).parent if args.out else Path("runs"))
+    if args.resume:
+        location, record = locate_resumed(KIND, args, storage, Path(args.out or "runs"), held)
+        out = Path(args.out or record.arguments.get("out") or location.name)
+        uri = resolve_tracking_uri(args.mlflow_uri, out.parent)
+        verify_resumable(connect(uri), uri, location, record,   # before anything of the record is used
+                         record.arguments.get("experiment", DEFAULT_EXPERIMENT))
+        adopt_arguments(args, parser, record)                   # restores --out and the rest
+        print(f"resuming {KIND} {location.name!r} from {location.path}", flush=True)
+        return Path(args.out), location, record, uri
+    if not (args.config or args.from_sweep):
+        raise ConfigError("one of --from-sweep or --config is required (or --resume to continue a final training)")
     out = Path(args.out or Path("runs") / f"final-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"--out {out} is not empty; pass --overwrite to write into it, or another --out")
-    return out
+    location = SweepLocation(storage, check_name(out.name))
+    held.enter_context(sweep_lock(location, out))
+    if ((out.exists() and any(out.iterdir())) or location.exists()) and not args.overwrite:
+        raise UserError(f"--out {out} is not empty (or its Tune folder {location.path} exists); pass --overwrite to "
+                        f"replace it, --resume {out.name} to continue it, or another --out")
+    args.out = str(out)
+    return out, location, None, resolve_tracking_uri(args.mlflow_uri, out.parent)
 
 
 def _candidates(args: argparse.Namespace, parser: argparse.ArgumentParser, uri: str
@@ -152,18 +193,25 @@ def _apply_overrides(candidates: list[Candidate], args: argparse.Namespace) -> l
         raise ConfigError("--set seed with --seeds > 1: members use seeds config.seed, +1, ...; set one or the other")
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    overrides = absolute_local_paths(overrides)
     return [(c.label, c.config.replace(**overrides)) for c in candidates]
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, held: contextlib.ExitStack) -> int:
     from dashboards.annotations import BBOX_FILE, GOOGLE_FILES, find_files
 
-    out = _output_folder(args)
-    uri = resolve_tracking_uri(args.mlflow_uri, out.parent)
+    out, location, record, uri = _locate(args, parser, held)
     candidates, source, source_tags = _candidates(args, parser, uri)
+    # Members train in their own folders, maybe on other nodes: only absolute paths travel.
+    args.data = str(Path(args.data).expanduser().resolve())
+    args.cache_dir = str(Path(args.cache_dir).expanduser().resolve()) if args.cache_dir else None
     specs = member_specs(_apply_overrides(candidates, args), args.seeds)
+    plan = {spec.name: spec.config.to_dict() for spec in specs}
+    if record is not None and record.plan != plan:
+        raise ConfigError(f"--resume {location.name}: the members' configs changed since it started (see plan in "
+                          f"{location.path}/sweep.json); resume with the same sources")
     if args.gradcam_samples < 0:
         raise ConfigError(f"--gradcam-samples {args.gradcam_samples}: expected 0 or more")
     bbox_csv = Path(args.bbox_csv) if args.bbox_csv else next(iter(find_files(args.data, [BBOX_FILE])), None)
@@ -172,20 +220,48 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         if path is not None and not path.is_file():
             raise ConfigError(f"{path}: no such file")
     client = connect(uri)
+    if args.overwrite and record is None:
+        location.remove()
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_dataset(data_spec(args), out)
+    if record is not None and record.data.get("fingerprint") != data.fingerprint:
+        raise ConfigError(f"--resume {location.name}: the data changed since it started (fingerprint "
+                          f"{data.fingerprint}, recorded {record.data.get('fingerprint')})")
     _print_header(data, source, specs, bbox_csv, google_files)
     recorded = source_tags.get("source_data_fingerprint")
     if recorded and recorded != data.fingerprint:
         print(f"note: the data (fingerprint {data.fingerprint}) differ from those the sweep chose its configs on "
               f"({recorded})", flush=True)
 
-    tracker = FinalRun.start(client, uri, experiment=args.experiment, run_name=out.name,
-                             artifact_root=artifact_location(uri, out.parent),
-                             params=_run_params(args, specs, data), tags=_run_tags(data, source, source_tags))
+    # The driver's MLflow logger (a Tune callback) writes through the global tracking URI, as in the sweeps.
+    blinded = blind_test_labels(data)
+    context = final_tune.member_context(specs, blinded, location, args.cache_dir)
+    with cluster_session(args, location, context), global_tracking_uri(uri):
+        if record is None:
+            tracker = FinalRun.start(client, uri, experiment=args.experiment, run_name=out.name,
+                                     artifact_root=artifact_location(uri, out.parent),
+                                     params=_run_params(args, specs, data, location),
+                                     tags=_run_tags(data, source, source_tags, location))
+            written = location.write(SweepRecord(
+                kind=KIND, name=location.name, plan=plan,
+                arguments={key: value for key, value in vars(args).items() if key not in NOT_RECORDED},
+                data={"fingerprint": data.fingerprint, "synthetic": data.synthetic, "sizes": data.split_sizes()},
+                mlflow={"experiment_id": tracker.sweep_run.experiment_id, "parent_run_id": tracker.run_id,
+                        "tracking_uri": mask_secrets(uri)}))
+            record_written(client, tracker.run_id, {RECORD_FILE: written})
+        else:
+            tracker = FinalRun.reopen(client, uri, name=location.name, experiment=args.experiment,
+                                      experiment_id=record.mlflow["experiment_id"],
+                                      parent_run_id=record.mlflow["parent_run_id"])
+        try:
+            final = _train_on_cluster(args, location, specs, blinded, context, client, tracker,
+                                      resumed=record is not None)
+        except BaseException as err:
+            tracker.end(KILLED if isinstance(err, KeyboardInterrupt) else FAILED)
+            raise
+    if isinstance(final, int):
+        return final
     try:
-        final = fit_final(specs, data, cache_dir=args.cache_dir, on_epoch=lambda spec, m: _on_epoch(tracker, spec, m),
-                          on_member=lambda member: _on_member(tracker, member))
         _finish(args, out, data, final, source, tracker, bbox_csv, google_files)
     except BaseException as err:
         tracker.end(KILLED if isinstance(err, KeyboardInterrupt) else FAILED)
@@ -193,16 +269,34 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     tracker.end(FINISHED)
     print(f"\nfiles: {out}\nMLflow run {tracker.run_id} in experiment {args.experiment!r}; browse with:\n"
           f"  {ui_command(uri)}", flush=True)
+    return 0
 
 
-def _member_tags(spec: MemberSpec) -> dict[str, str]:
-    return {"member_config": spec.label, "seed": str(spec.config.seed)}
-
-
-def _on_epoch(tracker: FinalRun, spec: MemberSpec, metrics: dict) -> None:
-    tracker.log_epoch(spec.name, spec.config, _member_tags(spec), metrics)
-    print(f"{spec.name} epoch {metrics['epoch']}/{spec.config.epochs}: val_loss {metrics['val_loss']:.4f} "
-          f"val_auc_mean {metrics['val_auc_mean']:.4f} val_f1_mean {metrics['val_f1_mean']:.4f}", flush=True)
+def _train_on_cluster(args: argparse.Namespace, location: SweepLocation, specs: list[MemberSpec],
+                      blinded: PreparedData, context: TrialContext, client: MlflowClient, tracker: FinalRun, *,
+                      resumed: bool) -> FinalModel | int:
+    """The members as Tune trials on blinded data, each one's selected epoch, the test split predicted on the
+    cluster; an exit code instead when a member failed or the run was interrupted."""
+    results = final_tune.tuner(args, location, specs, context, client, experiment_id=tracker.sweep_run.experiment_id,
+                               parent_run_id=tracker.run_id, resumed=resumed).fit()
+    unfinished = settle(client, location, tracker.run_id, keep_best=True)
+    if unfinished or results.num_errors:
+        failed = [trial_run_name(r.config, "") for r in results if r.error is not None]
+        what = (f"interrupted with {len(unfinished)} member(s) unfinished ({', '.join(unfinished)})" if unfinished
+                else f"{len(failed)} member(s) failed ({', '.join(failed)}): the final model needs every member; "
+                     f"fix the cause (see their FAILED runs in MLflow)")
+        tracker.sweep_run.set_tags({"interrupted": str(bool(unfinished)).lower()})
+        tracker.end(KILLED if unfinished else FAILED)
+        where = ["--out", args.out, *(["--storage", args.storage] if args.storage else [])]
+        resume = shell_join([*python_words("sweeps/train_best.py"), "--resume", location.name, *where])
+        print(f"\n{what}; continue with:\n  {resume}", flush=True)
+        return exit_code(results, unfinished)
+    order = {spec.name: index for index, spec in enumerate(specs)}
+    members = sorted((final_tune.member_of(result, specs) for result in results), key=lambda m: order[m.spec.name])
+    tracker.find_members()
+    for member in members:
+        _on_member(tracker, member)
+    return final_model(members, blinded, final_tune.predict_test(members, blinded, args))
 
 
 def _on_member(tracker: FinalRun, member: TrainedMember) -> None:
@@ -223,19 +317,22 @@ def _print_header(data: PreparedData, source: str, specs: list[MemberSpec], bbox
           f"{', '.join(map(str, google_files)) or 'none found'}", flush=True)
 
 
-def _run_params(args: argparse.Namespace, specs: list[MemberSpec], data: PreparedData) -> dict:
+def _run_params(args: argparse.Namespace, specs: list[MemberSpec], data: PreparedData, location: SweepLocation
+                ) -> dict:
     sizes = {f"split_{name}_{unit}": count for name, size in data.split_sizes().items() for unit, count in size.items()}
     options = {key: getattr(args, key) for key in ("from_sweep", "config", "seeds", "ensemble", "data", *DATA_OPTIONS,
-                                                   "bootstrap")}
+                                                   "bootstrap", "cpus_per_trial", "gpus_per_trial", "max_concurrent",
+                                                   "max_failures")}
     # The best config as flat params, like a sweep's child run (members' own configs are on their child runs).
     return {**specs[0].config.to_dict(), **{k: v for k, v in options.items() if v is not None}, **sizes,
-            "members": ",".join(s.name for s in specs), "data_fingerprint": data.fingerprint}
+            "members": ",".join(s.name for s in specs), "data_fingerprint": data.fingerprint,
+            "tune_path": location.path}
 
 
-def _run_tags(data: PreparedData, source: str, source_tags: dict[str, str]) -> dict:
-    return {"kind": "final", "data": "SYNTHETIC" if data.synthetic else "NIH", "synthetic_data": data.synthetic,
+def _run_tags(data: PreparedData, source: str, source_tags: dict[str, str], location: SweepLocation) -> dict:
+    return {"kind": KIND, "data": "SYNTHETIC" if data.synthetic else "NIH", "synthetic_data": data.synthetic,
             "data_fingerprint": data.fingerprint, "git_commit": git_commit(REPO_ROOT), "source": source[:5000],
-            **source_tags}
+            "tune_path": mask_secrets(location.path), **source_tags}
 
 
 def _finish(args, out: Path, data: PreparedData, final: FinalModel, source: str, tracker: FinalRun,

@@ -1,8 +1,9 @@
 """MLflow for final training: one parent run (the final model) with a child run per member (config x seed).
 
 The parent run holds the data and source of the configs, the test metrics, every report file as an artifact,
-and the model (mlflow.pytorch, registered under a model name) with its config and thresholds. Child runs carry
-the members' per-epoch validation metrics under the sweeps' names, so the UI charts them like sweep trials.
+and the model (mlflow.pytorch, registered under a model name) with its config and thresholds. Child runs are the
+members' Tune trials, written by the sweeps' driver-side logger (sweeps/mlflow_logger.py): per-epoch validation
+metrics under the sweeps' names, so the UI charts them like sweep trials, plus the selected epoch.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import mlflow.pytorch
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, RunStatus
 
 import trainable
 from dashboards.final_report import METRIC_COLUMNS
@@ -49,7 +50,7 @@ def _requirements() -> list[str]:
 
 
 @contextlib.contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
+def global_tracking_uri(uri: str) -> Iterator[None]:
     """mlflow.pytorch.log_model logs through the global tracking URI (and the env var it sets): set it only
     meanwhile, so the caller's process is left as it was."""
     previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
@@ -80,27 +81,25 @@ class FinalRun:
         client.update_run(sweep_run.parent_run_id, name=run_name)
         return cls(client, tracking_uri, sweep_run)
 
-    # --- members ------------------------------------------------------------------------------------------------
-    def member_run(self, name: str, config: TrialConfig, tags: Mapping[str, str]) -> str:
-        if name not in self.children:
-            run = self.client.create_run(self.sweep_run.experiment_id, run_name=name,
-                                         tags={**tags, PARENT_RUN_TAG: self.run_id, "kind": "final-member"})
-            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in config.to_dict().items()])
-            self.children[name] = run.info.run_id
-        return self.children[name]
+    @classmethod
+    def reopen(cls, client: MlflowClient, tracking_uri: str, *, name: str, experiment: str, experiment_id: str,
+               parent_run_id: str) -> "FinalRun":
+        """The final run of a final training being resumed, RUNNING again (its member runs: find_members)."""
+        return cls(client, tracking_uri, SweepRun.reopen(client, name, experiment_id, parent_run_id, tracking_uri,
+                                                         experiment))
 
-    def log_epoch(self, name: str, config: TrialConfig, tags: Mapping[str, str], metrics: dict) -> None:
-        run_id = self.member_run(name, config, tags)
-        now = int(time.time() * 1000)
-        step = int(metrics["epoch"])
-        values = [Metric(key, float(value), now, step) for key, value in metrics.items() if key != "epoch"]
-        self.client.log_batch(run_id, metrics=values)
+    # --- members ------------------------------------------------------------------------------------------------
+    def find_members(self) -> dict[str, str]:
+        """The member runs (child runs the driver's MLflowTrialLogger created, one per Tune trial), by name."""
+        runs = self.client.search_runs([self.sweep_run.experiment_id], max_results=50000,
+                                       filter_string=f"tags.`{PARENT_RUN_TAG}` = '{self.run_id}'")
+        self.children = {run.info.run_name: run.info.run_id for run in runs}
+        return self.children
 
     def finish_member(self, name: str, *, selected_epoch: int, selected_value: float) -> None:
         run_id = self.children[name]
         self.client.set_tag(run_id, "selected_epoch", str(selected_epoch))
         self.client.log_metric(run_id, "selected_val_auc_mean", selected_value)
-        self.client.set_terminated(run_id, status=FINISHED)
 
     # --- results ------------------------------------------------------------------------------------------------
     def log_test_metrics(self, test_metrics: pd.DataFrame, members: pd.DataFrame) -> None:
@@ -130,7 +129,7 @@ class FinalRun:
         logged = self.client.create_logged_model(self.sweep_run.experiment_id, name=MODEL_NAME,
                                                  source_run_id=self.run_id, model_type="classifier",
                                                  params={k: str(v) for k, v in config.to_dict().items()})
-        with _global_tracking_uri(self.tracking_uri):
+        with global_tracking_uri(self.tracking_uri):
             info = mlflow.pytorch.log_model(
                 model, name=MODEL_NAME, model_id=logged.model_id, run_id=self.run_id,
                 registered_model_name=registered_model_name,

@@ -68,9 +68,11 @@ class MLflowTrialLogger(Callback):
     """Logs each trial to a child run of `parent_run_id`; the tracking URI is the driver's (mlflow.set_tracking_uri),
     so no credentials end up in Tune's pickled experiment state."""
 
-    def __init__(self, *, experiment_id: str, parent_run_id: str, describer: TrialDescriber):
+    def __init__(self, *, experiment_id: str, parent_run_id: str, describer: TrialDescriber,
+                 tune_name: str | None = None):
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
+        self.tune_name = tune_name                  # Tune's experiment name, when not the MLflow experiment's
         self.describer = describer
         self._client: MlflowClient | None = None
         self._runs: dict[str, _ChildRun] = {}      # open child runs of trials started in this session
@@ -173,7 +175,7 @@ class MLflowTrialLogger(Callback):
     def _staging_folder(self) -> Path:
         """Tune's local staging folder of this experiment (`<Ray session>/artifacts/<time>/<name>/driver_artifacts`,
         on the driver's own disk), where it writes its state before uploading it to the storage."""
-        name = self.client.get_experiment(self.experiment_id).name
+        name = self.tune_name or self.client.get_experiment(self.experiment_id).name
         session = Path(_get_ray_train_session_dir())
         found = max(session.glob(f"*/{glob.escape(name)}/driver_artifacts"), key=lambda f: f.stat().st_mtime,
                     default=None)

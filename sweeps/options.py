@@ -50,15 +50,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                                     "(default: the kind plus a timestamp)")
     sweep.add_argument("--out", default="runs", help="output folder: sweeps, prepared splits and the embedded "
                                                      "MLflow store (default: %(default)s)")
-    sweep.add_argument("--storage", default=None, metavar="PATH|URI",
-                       help="Tune storage for checkpoints and experiment state (default: --out); on a multi-node "
-                            "cluster a folder mounted on every node (NFS) or s3://bucket/prefix")
-    sweep.add_argument("--resume", nargs="?", const=LATEST, default=None, metavar="NAME",
-                       help="continue an interrupted sweep: NAME, or without NAME the most recently created sweep "
-                            "of this kind in the storage. Finished trials are kept, running ones continue from "
-                            "their last checkpoint, errored ones are retried. The sweep keeps its recorded "
-                            f"arguments; only {', '.join('--' + o.replace('_', '-') for o in RESUMABLE_OPTIONS)} "
-                            "may change (give the same --out/--storage)")
+    add_storage_arguments(sweep, storage_default="--out", what="sweep of this kind")
     sweep.add_argument("--overwrite", action="store_true", help="replace an earlier sweep of the same --name")
     sweep.add_argument("--epochs", type=positive_int, default=TrialConfig().epochs,
                        help="epoch budget of every trial (default: %(default)s)")
@@ -69,6 +61,30 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     sweep.add_argument("--data", default=None, help="NIH ChestX-ray14 folder (Data_Entry CSV + images)")
     add_data_arguments(parser)
 
+    add_cluster_arguments(parser)
+
+    tracking = parser.add_argument_group("MLflow")
+    tracking.add_argument("--mlflow-uri", default=None,
+                          help="tracking server, e.g. http://host:5000 (default: $MLFLOW_TRACKING_URI, else "
+                               "OUT/mlflow.db, a SQLite file only this driver writes)")
+    return parser
+
+
+def add_storage_arguments(group, *, storage_default: str, what: str) -> None:
+    """--storage and --resume: where a run of Tune trials keeps its state, and how an interrupted one continues."""
+    group.add_argument("--storage", default=None, metavar="PATH|URI",
+                       help=f"Tune storage for checkpoints and experiment state (default: {storage_default}); on a "
+                            "multi-node cluster a folder mounted on every node (NFS) or s3://bucket/prefix")
+    group.add_argument("--resume", nargs="?", const=LATEST, default=None, metavar="NAME",
+                       help=f"continue an interrupted {what}: NAME, or without NAME the most recently created one in "
+                            "the storage. Finished trials are kept, running ones continue from their last "
+                            "checkpoint, errored ones are retried. It keeps its recorded arguments; only "
+                            f"{', '.join('--' + o.replace('_', '-') for o in RESUMABLE_OPTIONS)} may change (give "
+                            "the same --out/--storage)")
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and with what the trials run: shared by the sweeps and final training."""
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--address", default=None,
                          help="Ray cluster to join, e.g. auto (default: $RAY_ADDRESS, else a local Ray)")
@@ -80,12 +96,6 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     cluster.add_argument("--max-failures", type=non_negative_int, default=1,
                          help="retries of a trial whose worker died or raised, each from its last checkpoint "
                               "(default: %(default)s)")
-
-    tracking = parser.add_argument_group("MLflow")
-    tracking.add_argument("--mlflow-uri", default=None,
-                          help="tracking server, e.g. http://host:5000 (default: $MLFLOW_TRACKING_URI, else "
-                               "OUT/mlflow.db, a SQLite file only this driver writes)")
-    return parser
 
 
 def apply_defaults(parser: argparse.ArgumentParser, argv: list[str], demo_defaults: dict[str, Any]

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import mlflow
 import ray
@@ -43,14 +44,16 @@ from .naming import TrialDescriber, tune_trial_dirname, tune_trial_name
 from .options import EXECUTION_OPTIONS, LATEST, apply_defaults, build_parser
 from .record import (RECORD_FILE, TUNER_FILE, SweepLocation, SweepRecord, check_name, default_name, latest_sweep,
                      storage_root, sweep_lock)
-from .report import METRIC, SweepReport, unfinished_trials
+from .report import METRIC, MODE, SweepReport, unfinished_trials
 from .tracking import (SweepRun, artifact_location, connect, credentials_hidden, git_commit, mask_secrets,
                        recorded_parent_run, resolve_tracking_uri, ui_command)
-from .tune_state import check_restorable, check_unchanged, record_written
+from .tune_state import RECENT, check_restorable, check_unchanged, record_written
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_METRICS = {"epoch": "epoch", "val_loss": "val loss", METRIC: "AUC", "val_f1_mean": "F1"}
 PROGRESS_EVERY_S = 30
+SAVE_PERIOD_ENV = "TUNE_GLOBAL_CHECKPOINT_S"   # how often Tune saves the experiment's state (default: 10 s or more)
+TUNE_MIN_SAVE_PERIOD_S, FINAL_SAVE_PERIOD_S = 10.0, 2.0
 
 
 class SweepKind(Protocol):
@@ -120,10 +123,8 @@ def prepare(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParse
     client = None
     if record is not None:   # before anything of the record is used: its files are the driver's own
         client = connect(uri)
-        parent = recorded_parent_run(client, location.name, record.mlflow.get("experiment_id"),
-                                     record.mlflow.get("parent_run_id"), uri)
-        check_restorable(client, location, parent)
-        _adopt_arguments(args, parser, record)
+        verify_resumable(client, uri, location, record)
+        adopt_arguments(args, parser, record)
         print(f"resuming {kind.kind} {location.name!r} from {location.path}", flush=True)
     if args.demo and args.data is None:
         args.data = str(demo_data(out))
@@ -160,6 +161,13 @@ def _locate(kind: str, args: argparse.Namespace, storage: str, out: Path, held: 
             raise ConfigError(f"sweep {location.name!r} already exists in {storage}: --resume {location.name} "
                               f"continues it, --overwrite replaces it, --name picks another name")
         return location, None
+    return locate_resumed(kind, args, storage, out, held)
+
+
+def locate_resumed(kind: str, args: argparse.Namespace, storage: str, out: Path, held: contextlib.ExitStack
+                   ) -> tuple[SweepLocation, SweepRecord]:
+    """The folder (locked for this driver) and record of the run `--resume` names (or the latest of this kind).
+    Nothing of the record is trusted yet: verify_resumable, then adopt_arguments."""
     name = latest_sweep(storage, kind) if args.resume == LATEST else args.resume
     if name is None:
         raise ConfigError(f"--resume: no {kind} sweep in {storage} to resume (give --out/--storage of the sweep)")
@@ -174,7 +182,16 @@ def _locate(kind: str, args: argparse.Namespace, storage: str, out: Path, held: 
     return location, record
 
 
-def _adopt_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser, record: SweepRecord) -> None:
+def verify_resumable(client: MlflowClient, uri: str, location: SweepLocation, record: SweepRecord,
+                     experiment: str | None = None) -> None:
+    """Before anything of a resumed run's record is used: its parent run exists (in the MLflow experiment named
+    after the run, or `experiment`) and its state files are the driver's own (tune_state)."""
+    parent = recorded_parent_run(client, location.name, record.mlflow.get("experiment_id"),
+                                 record.mlflow.get("parent_run_id"), uri, experiment)
+    check_restorable(client, location, parent)
+
+
+def adopt_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser, record: SweepRecord) -> None:
     """A resumed sweep's recorded arguments replace the command line's (only the resumable options may differ)."""
     for key, recorded in record.arguments.items():
         current = getattr(args, key, None)
@@ -199,11 +216,17 @@ def _sweep_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = parse_overrides(args.set)
     if "epochs" in overrides:
         raise ConfigError("--set epochs: the epoch budget of a sweep is --epochs")
-    for key in ("pretrained", "backbone"):     # trials run in their own folders: local paths travel absolute
+    return {**absolute_local_paths(overrides), "epochs": args.epochs}
+
+
+def absolute_local_paths(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Trials run in their own folders: a local weights file or model folder given relative travels absolute."""
+    overrides = dict(overrides)
+    for key in ("pretrained", "backbone"):
         value = overrides.get(key)
         if isinstance(value, str) and value not in ("none", "imagenet") and Path(value).expanduser().exists():
             overrides[key] = str(Path(value).expanduser().resolve())
-    return {**overrides, "epochs": args.epochs}
+    return overrides
 
 
 # --- on the cluster -----------------------------------------------------------------------------------------------
@@ -217,19 +240,28 @@ def run(sweep: Sweep) -> int:
           f"images per split {sizes}", flush=True)
     for note in sweep.data.notes():
         print(note, flush=True)
-    with credentials_hidden():   # a local Ray's workers inherit the driver's environment; trials need no MLflow
-        start_ray(sweep.args.address)
-    try:
-        check_shared_storage(sweep.location.storage, storage_given=sweep.args.storage is not None)
-        check_resources(sweep.args.cpus_per_trial, sweep.args.gpus_per_trial)
-        registry = start_registry(sweep.location.name)  # noqa: F841 - held: the actor lives as long as this handle
-        # every node's image cache before any trial: trials then only map it (and a bad PNG fails here, once)
-        context = sweep.plan.context(sweep.data, sweep.args.cache_dir)
-        warm_node_caches(sweep.data, trial_image_sizes(context, getattr(sweep.plan, "space", None)),
-                         sweep.args.cache_dir)
+    context = sweep.plan.context(sweep.data, sweep.args.cache_dir)
+    with cluster_session(sweep.args, sweep.location, context, getattr(sweep.plan, "space", None)):
         parent = _reopen_parent(sweep) if sweep.resumed else _start_parent(sweep)
         mlflow.set_tracking_uri(sweep.uri)   # read by the logger callback; never pickled into Tune's state
         return _fit(sweep, parent)
+
+
+@contextlib.contextmanager
+def cluster_session(args: argparse.Namespace, location: SweepLocation, context: TrialContext,
+                    search_space: Any = None) -> Iterator[None]:
+    """Ray joined (or started), checked for the run's storage and trial resources, every node's image cache built
+    for the trials of `context`, and the run's no-retry registry held for as long as the block runs; Ray is shut
+    down on the way out."""
+    with credentials_hidden():   # a local Ray's workers inherit the driver's environment; trials need no MLflow
+        start_ray(args.address)
+    try:
+        check_shared_storage(location.storage, storage_given=args.storage is not None)
+        check_resources(args.cpus_per_trial, args.gpus_per_trial)
+        registry = start_registry(location.name)  # noqa: F841 - held: the actor lives as long as this handle
+        # every node's image cache before any trial: trials then only map it (and a bad PNG fails here, once)
+        warm_node_caches(context.data, trial_image_sizes(context, search_space), args.cache_dir)
+        yield
     finally:
         ray.shutdown()
 
@@ -262,30 +294,52 @@ def _reopen_parent(sweep: Sweep) -> SweepRun:
 
 
 def _tuner(sweep: Sweep, parent: SweepRun, context: TrialContext, describer: TrialDescriber) -> tune.Tuner:
-    args, plan = sweep.args, sweep.plan
+    logger = MLflowTrialLogger(experiment_id=parent.experiment_id, parent_run_id=parent.parent_run_id,
+                               describer=describer)
+    return build_tuner(sweep.args, sweep.location, context, logger, sweep.client, resumed=sweep.resumed,
+                       param_space=sweep.plan.param_space(), tune_options=sweep.plan.tune_options(sweep.location),
+                       progress_parameters=sweep.plan.progress_parameters)
+
+
+def build_tuner(args: argparse.Namespace, location: SweepLocation, context: TrialContext, logger: MLflowTrialLogger,
+                client: MlflowClient, *, resumed: bool, param_space: dict[str, Any], tune_options: dict[str, Any],
+                progress_parameters: list[str], keep_best: bool = False) -> tune.Tuner:
+    """The Tuner of every run of trials (sweeps, final training): trainable.tune.run_trial with the run's
+    resources, the MLflow logger, no-retry and checkpoint-retention callbacks, the progress table and retries.
+    keep_best: each trial's best checkpoint by validation mean AUC is kept too (final training selects it)."""
     # tune.with_parameters sends the context (split table included) through the object store once
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
-    if sweep.resumed:   # Tune's saved state (verified in prepare) has the rest, the MLflow logger included
-        return tune.Tuner.restore(sweep.location.path, trainable=trainable, resume_errored=True)
-    logger = MLflowTrialLogger(experiment_id=parent.experiment_id, parent_run_id=parent.parent_run_id,
-                               describer=describer)
-    no_retry = NoRetryForDeterministic(sweep.location.name, args.max_failures)
-    options = plan.tune_options(sweep.location)
+    # The new output engine ignores a passed-in progress reporter; the CLIReporter shows arm/seed and AUC/F1.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ.setdefault(SMALL_BOOKKEEPING_ENV, "1")     # Tune's saved state: a path per older checkpoint
+    recent = RECENT
+    if keep_best:
+        # Final training: few trials, long epochs. Tune saves their state every few seconds instead of every 10 s
+        # or more, so that a killed run resumes each member from its latest epoch; CheckpointRetention then counts
+        # as many more saves, to keep the same time for an upload to reach the storage.
+        os.environ.setdefault(SAVE_PERIOD_ENV, str(FINAL_SAVE_PERIOD_S))
+        recent = RECENT * math.ceil(TUNE_MIN_SAVE_PERIOD_S / max(float(os.environ[SAVE_PERIOD_ENV]), 0.1))
+    if resumed:   # Tune's saved state (verified before) has the rest, the MLflow logger included
+        return tune.Tuner.restore(location.path, trainable=trainable, resume_errored=True)
+    no_retry = NoRetryForDeterministic(location.name, args.max_failures)
     tuner = tune.Tuner(
-        trainable, param_space=plan.param_space(),
-        tune_config=tune.TuneConfig(**options, max_concurrent_trials=args.max_concurrent or None,
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(**{"max_concurrent_trials": args.max_concurrent or None, **tune_options},
                                     reuse_actors=True, trial_name_creator=tune_trial_name,
                                     trial_dirname_creator=tune_trial_dirname),
         run_config=tune.RunConfig(
-            name=sweep.location.name, storage_path=sweep.location.storage, verbose=1,
+            name=location.name, storage_path=location.storage, verbose=1,
             # older checkpoints go by CheckpointRetention: CheckpointConfig(num_to_keep) races Tune's uploads
-            callbacks=[logger, no_retry, CheckpointRetention()],
-            progress_reporter=SweepProgress(parameter_columns=plan.progress_parameters,
+            callbacks=[logger, no_retry, CheckpointRetention(keep_best=keep_best, recent=recent)],
+            progress_reporter=SweepProgress(parameter_columns=progress_parameters,
                                             metric_columns=PROGRESS_METRICS, max_report_frequency=PROGRESS_EVERY_S),
-            failure_config=tune.FailureConfig(max_failures=args.max_failures)))
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            # a score attribute only ranks the checkpoints (Tune deletes none without num_to_keep)
+            checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE)
+            if keep_best else None))
     # Tune has just written tuner.pkl straight to the storage; the logger records the state it saves later
-    record_written(sweep.client, parent.parent_run_id, {TUNER_FILE: sweep.location.read_bytes(TUNER_FILE)})
+    record_written(client, logger.parent_run_id, {TUNER_FILE: location.read_bytes(TUNER_FILE)})
     return tuner
 
 
@@ -301,9 +355,6 @@ def _fit(sweep: Sweep, parent: SweepRun) -> int:
     context = dataclasses.replace(sweep.plan.context(sweep.data, sweep.args.cache_dir),
                                   failure_registry=registry_name(sweep.location.name))
     describer = sweep.plan.describer(context)
-    # The new output engine ignores a passed-in progress reporter; the CLIReporter shows arm/seed and AUC/F1.
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    os.environ.setdefault(SMALL_BOOKKEEPING_ENV, "1")     # Tune's saved state: a path per older checkpoint
     try:
         results = _tuner(sweep, parent, context, describer).fit()
     except BaseException as err:
@@ -311,24 +362,32 @@ def _fit(sweep: Sweep, parent: SweepRun) -> int:
         parent.end(KILLED if isinstance(err, KeyboardInterrupt) else FAILED)
         raise
     try:
-        check_unchanged(sweep.client, sweep.location, parent.parent_run_id)   # read back below: pickles too
+        unfinished = settle(sweep.client, sweep.location, parent.parent_run_id)
     except ConfigError as err:
         parent.set_tags({"error": str(err)[:500]})
         parent.end(FAILED)
         raise
-    saved = ExperimentAnalysis(sweep.location.path).trials    # fit() returned: its final save was waited for
-    unfinished = unfinished_trials(saved)
-    keep_latest_checkpoints(saved)
     if unfinished:
         _interrupted(sweep, parent, unfinished)
     else:
         _report(sweep, parent, results, describer)
     print(f"\nfiles: {sweep.location.path}\nMLflow experiment {sweep.location.name!r}; browse it with:\n  "
           f"{ui_command(sweep.uri)}", flush=True)
-    return _exit_code(results, unfinished)
+    return exit_code(results, unfinished)
 
 
-def _exit_code(results: tune.ResultGrid, unfinished: list[str]) -> int:
+def settle(client: MlflowClient, location: SweepLocation, parent_run_id: str, *, keep_best: bool = False
+           ) -> list[str]:
+    """After Tuner.fit: the names of the trials left unfinished, read back from the state on the storage (checked
+    to be the driver's own first: it holds pickles), whose older checkpoints are then deleted (see
+    keep_latest_checkpoints; keep_best as in build_tuner)."""
+    check_unchanged(client, location, parent_run_id)
+    saved = ExperimentAnalysis(location.path).trials    # fit() returned: its final save was waited for
+    keep_latest_checkpoints(saved, keep_best=keep_best)
+    return unfinished_trials(saved)
+
+
+def exit_code(results: tune.ResultGrid, unfinished: list[str]) -> int:
     """0: every trial finished; 2: some trial failed on bad input (config, data, weights); 1: otherwise."""
     bad = [result for result in results if result.error is not None and is_bad_input(result.error)]
     if bad:

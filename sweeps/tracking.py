@@ -64,9 +64,9 @@ class SweepRun:
 
     @classmethod
     def reopen(cls, client: MlflowClient, name: str, experiment_id: str, parent_run_id: str,
-               uri: str) -> "SweepRun":
-        """The parent run of a sweep being resumed, RUNNING again."""
-        run = recorded_parent_run(client, name, experiment_id, parent_run_id, uri)
+               uri: str, experiment: str | None = None) -> "SweepRun":
+        """The parent run of a sweep being resumed, RUNNING again (`experiment`: as in recorded_parent_run)."""
+        run = recorded_parent_run(client, name, experiment_id, parent_run_id, uri, experiment)
         resumes = int(run.data.tags.get("resumes", "0")) + 1
         client.update_run(parent_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         client.set_tag(parent_run_id, "resumes", str(resumes))
@@ -82,14 +82,16 @@ class SweepRun:
         self.client.set_terminated(self.parent_run_id, status=status)
 
 
-def recorded_parent_run(client: MlflowClient, name: str, experiment_id: str, parent_run_id: str, uri: str) -> Run:
-    """The parent run sweep.json names, checked to be a run of the sweep's own experiment."""
+def recorded_parent_run(client: MlflowClient, name: str, experiment_id: str, parent_run_id: str, uri: str,
+                        experiment: str | None = None) -> Run:
+    """The parent run sweep.json names, checked to be a run of the sweep's own experiment (named `name`, unless
+    `experiment` names it: final training's runs share one)."""
     try:
         run = client.get_run(parent_run_id)
-        experiment = client.get_experiment(run.info.experiment_id)
+        found = client.get_experiment(run.info.experiment_id)
     except Exception:  # noqa: BLE001 - MLflow raises its own exception types per store
-        run = experiment = None
-    if run is None or run.info.experiment_id != experiment_id or experiment.name != name:
+        run = found = None
+    if run is None or run.info.experiment_id != experiment_id or found.name != (experiment or name):
         raise ConfigError(f"--resume {name}: its parent run {parent_run_id} is not in the MLflow store "
                           f"{mask_secrets(uri)}; resume with the --mlflow-uri the sweep started with")
     return run

@@ -1,12 +1,18 @@
-"""Final training end to end on generated data (timm test_resnet at 64 px, 2 epochs): the registered MLflow model,
-the report files, thresholds and model selection that never see test labels, the published comparison, the
+"""Final training end to end on generated data (timm test_resnet at 64 px, 2 epochs, 2 seeds trained at once as Ray
+Tune trials on a local Ray): the registered MLflow model, the report files, thresholds and model selection that
+never see test labels, a run killed mid-epoch that resumes to the same report, the published comparison, the
 localization score (boxes drawn where the generator draws each finding) and AUC on Google-style expert labels."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,9 +38,11 @@ from trainable.deployed import DeployedClassifier, demographic_inputs
 from trainable.findings import FINDINGS
 from trainable.train import SplitArrays
 
-REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / ".." / "shared" / "reference"
 CONFIG = {"backbone": "test_resnet", "pretrained": "none", "image_size": 64, "batch_size": 16, "epochs": 5}
-EPOCHS = 2
+EPOCHS, SEEDS = 2, 2
+RUN_TIMEOUT_S = 900
 MODEL_NAME = "test-cxr"
 # Where trainable.data.synthetic draws each boxed finding: (top, bottom, left, right) as fractions of the image.
 SIGNATURE_BOXES = {
@@ -91,6 +99,13 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def final_args(config: Path, data_dir: Path, out: Path, uri: str, cache: Path) -> list[str]:
+    """Both members at once (a CPU each), as a cluster would run them."""
+    return ["--config", str(config), "--data", str(data_dir), "--epochs", str(EPOCHS), "--seeds", str(SEEDS),
+            "--max-concurrent", str(SEEDS), "--cpus-per-trial", "1", "--out", str(out), "--mlflow-uri", uri,
+            "--registered-model", MODEL_NAME, "--bootstrap", "100", "--gradcam-samples", "1", "--cache-dir", str(cache)]
+
+
 @pytest.fixture(scope="module")
 def final(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("final-run")
@@ -98,12 +113,10 @@ def final(data_dir, tmp_path_factory):
     config.write_text(json.dumps(CONFIG))
     uri = f"sqlite:///{root / 'mlflow.db'}"
     started = time.perf_counter()
-    code, stdout, _ = run_cli("--config", str(config), "--data", str(data_dir), "--epochs", str(EPOCHS),
-                              "--out", str(root / "out"), "--mlflow-uri", uri, "--registered-model", MODEL_NAME,
-                              "--bootstrap", "100", "--gradcam-samples", "1", "--cache-dir", str(root / "cache"))
+    code, stdout, _ = run_cli(*final_args(config, data_dir, root / "out", uri, root / "cache"))
     print(f"train_best took {time.perf_counter() - started:.1f} s")
     assert code == 0
-    return {"out": root / "out", "uri": uri, "stdout": stdout, "cache": root / "cache"}
+    return {"out": root / "out", "uri": uri, "stdout": stdout, "cache": root / "cache", "config": config}
 
 
 # --- the model in the registry ----------------------------------------------------------------------------------
@@ -217,12 +230,110 @@ def test_thresholds_and_selected_epoch_do_not_depend_on_test_labels(final, data_
     np.testing.assert_array_equal(data.labels("val"), original.labels("val"))
 
     config = TrialConfig.from_dict(json.loads((final["out"] / "config.json").read_text()))
-    refit = fit_final(member_specs([("best-config", config)], 1), data, cache_dir=final["cache"])
+    # Here, one member after the other, on one thread as each Tune trial had: the same arithmetic, bit for bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        refit = fit_final(member_specs([("best-config", config)], SEEDS), data, cache_dir=final["cache"])
+    finally:
+        torch.set_num_threads(threads)
     expected = json.loads((final["out"] / "thresholds.json").read_text())
     assert dict(zip(FINDINGS, map(float, refit.validation.thresholds))) == expected
-    selected = json.loads((final["out"] / "members.json").read_text())[0]["selected_epoch"]
-    assert refit.members[0].selected_epoch == selected
+    selected = [m["selected_epoch"] for m in json.loads((final["out"] / "members.json").read_text())]
+    assert [m.selected_epoch for m in refit.members] == selected
     np.testing.assert_array_equal(refit.test_probs, np.load(final["out"] / "test_predictions.npz")["probs"])
+
+
+# --- on the cluster: killed and resumed -------------------------------------------------------------------------
+
+REPORT_FILES = ("test_metrics.csv", "members.csv", "members.json", "thresholds.json", "config.json", "comparison.csv",
+                "comparison.md", "localization.csv", "google2019_auc.csv", "report.md")
+
+
+def test_members_train_as_tune_trials_logged_by_the_driver(final):
+    client = MlflowClient(final["uri"])
+    parent = client.get_run(client.search_model_versions(f"name = '{MODEL_NAME}'")[0].run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == [f"best-config-s{seed}" for seed in range(SEEDS)]
+    members = json.loads((final["out"] / "members.json").read_text())
+    for run in children:
+        assert run.info.status == "FINISHED" and run.data.tags["kind"] == "final-member"
+        history = client.get_metric_history(run.info.run_id, "val_auc_mean")
+        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
+        member = next(m for m in members if m["member"] == run.info.run_name)
+        # the selected epoch is the best by validation mean AUC (later on a tie), as the run's history says
+        best = max(history, key=lambda m: (m.value, m.step))
+        assert member["selected_epoch"] == best.step == int(run.data.tags["selected_epoch"])
+        assert member["selected_val_auc_mean"] == pytest.approx(best.value, abs=1e-12)
+    # run side by side (a CPU each, --max-concurrent 2), as the parent run records
+    assert (parent.data.params["max_concurrent"], parent.data.params["cpus_per_trial"]) == (str(SEEDS), "1.0")
+    # the Tune folder is the --out folder (storage default: its parent), with one trial folder per member
+    assert len(glob.glob(str(final["out"] / "best-config-s*"))) == SEEDS and (final["out"] / "sweep.json").is_file()
+
+
+def _into_second_epoch(out: Path, uri: str) -> list[Path]:
+    """Trial folders of members in their second epoch: the driver logged their first (after Tune registered its
+    checkpoint), not their second, and Tune's experiment state was saved since."""
+    states = [os.path.getmtime(p) for p in glob.glob(str(out / "experiment_state-*.json"))]
+    if not states or not glob.glob(str(out / "best-config-s*")):    # Tune started: the store is set up
+        return []
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("final-training")
+    found = []
+    for run in client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'final-member'"):
+        logged = {m.step: m.timestamp / 1000 for m in client.get_metric_history(run.info.run_id, "val_auc_mean")}
+        if 1 in logged and 2 not in logged and max(states) > logged[1]:
+            found += [Path(p) for p in glob.glob(str(out / f"{run.info.run_name}_*"))]
+    return found
+
+
+def test_a_final_training_killed_mid_epoch_resumes_to_the_same_report(final, data_dir, tmp_path):
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+           "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "train_best.py"),
+                               *final_args(final["config"], data_dir, out, uri, final["cache"])],
+                              cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    # Kill driver, Ray and both trials at once, as a lost head node would, once a member is into its second epoch:
+    # its first checkpoint written, and Tune's state (saved at every checkpoint) saved since.
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (checkpointed := _into_second_epoch(out, uri)):
+        assert driver.poll() is None and time.monotonic() < deadline, "final training ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=60)
+    checkpointed = [trial for trial in checkpointed if trial in _into_second_epoch(out, uri)]  # still unfinished
+    assert checkpointed
+    client = MlflowClient(uri)
+    cut = client.search_runs([client.get_experiment_by_name("final-training").experiment_id])
+    assert any(r.info.status == "RUNNING" for r in cut) and not (out / "report.md").exists()
+
+    # where it runs and logs is not recorded (it may change on resume): the same store and cache again
+    code, stdout, _ = run_cli("--resume", out.name, "--out", str(out), "--mlflow-uri", uri,
+                              "--cache-dir", str(final["cache"]))
+    assert code == 0 and f"resuming final {out.name!r}" in stdout
+    for name in REPORT_FILES:
+        assert (out / name).read_bytes() == (final["out"] / name).read_bytes(), name
+    for name in ("test_predictions.npz", "val_predictions.npz"):
+        resumed, reference = np.load(out / name), np.load(final["out"] / name)
+        assert sorted(resumed.keys()) == sorted(reference.keys())
+        for key in reference.keys():
+            np.testing.assert_array_equal(resumed[key], reference[key])
+    # the member killed in its second epoch continued from its first epoch's checkpoint, not from scratch
+    for trial in checkpointed:
+        restarts = [row for row in map(json.loads, (trial / "result.json").read_text().splitlines())
+                    if row["iterations_since_restore"] == 1]
+        assert [row["epoch"] for row in restarts] == [1, 2], trial.name
+    runs = client.search_runs([client.get_experiment_by_name("final-training").experiment_id])
+    parent = next(r for r in runs if PARENT_RUN_TAG not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get(PARENT_RUN_TAG) == parent.info.run_id]
+    assert len(runs) == 1 + SEEDS and parent.info.status == "FINISHED" and parent.data.tags["resumes"] == "1"
+    for run in children:      # one run per member, every epoch logged once
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_auc_mean")) == \
+            list(range(1, EPOCHS + 1))
 
 
 # --- from a sweep, with an ensemble -----------------------------------------------------------------------------
