@@ -154,12 +154,16 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_mlflow_run(sweep)
         history = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert history == list(range(1, EPOCHS + 1)), key        # each epoch once: continued, not duplicated
     # Tune's own record of what the trial reported: a second process took over and went on from a checkpoint,
-    # so epoch 1 (before any checkpoint) was never trained again.
+    # so epoch 1 (before any checkpoint) was never trained again. Tune's result.json may lack the epoch reported
+    # just before the kill: on restart its JSON logger copies the file back from --storage, whose copy can lag
+    # one sync behind (MLflow, checked above, holds every epoch once).
     results = _results(out, KILLED_TRIAL)
     epochs = [r["epoch"] for r in results]
     pids = list(dict.fromkeys(r["pid"] for r in results))
-    assert epochs.count(1) == 1 and epochs[-1] == EPOCHS and set(epochs) == set(range(1, EPOCHS + 1)), epochs
+    assert epochs == sorted(set(epochs)) and epochs[0] == 1 and epochs[-1] == EPOCHS, epochs
     assert len(pids) == 2 and pids[0] == killed, (pids, killed)
+    first_of_retry = next(r["epoch"] for r in results if r["pid"] == pids[1])
+    assert first_of_retry >= 2, (first_of_retry, epochs)    # from a checkpoint: epoch 1 never trained again
     assert _attempts(out, KILLED_TRIAL) == 1                       # the kill, then a successful retry
     assert run.data.tags["device"] == "cpu" and run.data.tags["node"]
 
