@@ -86,16 +86,32 @@ def google_auc(google: pd.DataFrame, names: np.ndarray, probs: np.ndarray, *, n_
     return pd.DataFrame(rows)
 
 
+ROC_CURVE_LABEL, CHANCE_LABEL = "ROC curve (test)", "chance level (AUC 0.5)"
+
+
 def roc_figure(labels: np.ndarray, probs: np.ndarray, title: str) -> Figure:
+    """One panel per finding, its AUC in the panel title; plain axis labels on the outer panels and one legend for
+    the figure (sklearn's display labels every axis "(Positive label: 1)" and gives each panel its own legend)."""
     figure = Figure(figsize=(16, 16), layout="constrained")
     axes = figure.subplots(4, 4).ravel()
     for k, (axis, finding) in enumerate(zip(axes, FINDINGS)):
         y = np.asarray(labels[:, k]) > 0.5
         if 0 < y.sum() < len(y):
-            RocCurveDisplay.from_predictions(y, probs[:, k], ax=axis, name=finding, plot_chance_level=True)
-        axis.set_title(finding)
+            display = RocCurveDisplay.from_predictions(y, probs[:, k], ax=axis, plot_chance_level=True,
+                                                       curve_kwargs={"label": ROC_CURVE_LABEL},
+                                                       chance_level_kw={"label": CHANCE_LABEL})
+            axis.get_legend().remove()
+            axis.set_title(f"{finding} (AUC {display.roc_auc:.3f})")
+        else:
+            axis.set_title(f"{finding} (no AUC: one class only)")
+        # x labelled on the lowest panel of each column, y on the first column
+        axis.set_xlabel("false positive rate" if k + 4 >= len(FINDINGS) else "")
+        axis.set_ylabel("true positive rate" if k % 4 == 0 else "")
     for axis in axes[len(FINDINGS):]:
         axis.set_axis_off()
+    handles = next((axis.get_legend_handles_labels()[0] for axis in axes if axis.get_lines()), [])
+    if handles:
+        figure.legend(handles=handles, loc="lower right", bbox_to_anchor=(0.95, 0.1), fontsize="large")
     figure.suptitle(title)
     return figure
 
