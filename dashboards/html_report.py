@@ -22,7 +22,8 @@ th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 .warning { border-left: 4px solid %(undecided)s; background: %(undecided_tint)s; padding: 0.6em 1em; }
 pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
 img { max-width: 100%%; }
-""" % {"grey": GREY, "undecided": VERDICT_COLOURS[INCONCLUSIVE], "undecided_tint": tint(VERDICT_COLOURS[INCONCLUSIVE], 0.1)}
+""" % {"grey": GREY, "undecided": VERDICT_COLOURS[INCONCLUSIVE],
+       "undecided_tint": tint(VERDICT_COLOURS[INCONCLUSIVE], 0.1)}
 # Row tints in the palette's verdict colours (light enough for black text).
 STYLE += "".join(f".{verdict} {{ background: {tint(VERDICT_COLOURS[verdict])}; }}\n"
                  for verdict in (HELPS, HURTS, EQUIVALENT))
