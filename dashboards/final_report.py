@@ -263,7 +263,7 @@ def _markdown(data: PreparedData, context: ReportContext, report: FinalReport, t
               "## Test metrics at the validation-chosen thresholds", "",
               markdown_table(report.test_metrics), "",
               "## Members", "", markdown_table(report.members[["member", "config", "seed", "selected_epoch",
-                                                                 "val_auc_mean", "test_auc_mean"]]), "",
+                                                                "val_auc_mean", "test_auc_mean"]]), "",
               "## Published per-finding AUCs", "", comparison_markdown(report.comparison, report.comparison_notes), ""]
     if report.localization is not None:
         lines += ["## Grad-CAM localization (NIH boxes)", "",

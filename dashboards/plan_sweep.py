@@ -100,12 +100,12 @@ def plan(args: argparse.Namespace) -> str:
     lines = [f"plan from {source}: detect |Δ mean AUC| >= {args.detect:g} with 80% power, Holm over {m} arm(s) "
              f"(first step α/m = {level:.4g}), α = {args.alpha:g}", ""]
     pilot = head.loc[compared]
-    plan = pd.DataFrame({"arm": compared, "pilot seeds": pilot["n_seeds"].astype(int).to_numpy(),
-                         "seed sd": pilot["seed_sd"].to_numpy(), "se now": pilot["se"].to_numpy(),
-                         "seeds per arm needed": [f"{needed[arm]:.0f}" if np.isfinite(needed[arm])
-                                                  else f"> {MAX_SEEDS} (image noise)" for arm in compared],
-                         "variance": pilot["variance"].to_numpy()})
-    lines.append(text_table(plan, {"seed sd": "{:.4f}".format, "se now": "{:.4f}".format}))
+    table = pd.DataFrame({"arm": compared, "pilot seeds": pilot["n_seeds"].astype(int).to_numpy(),
+                          "seed sd": pilot["seed_sd"].to_numpy(), "se now": pilot["se"].to_numpy(),
+                          "seeds per arm needed": [f"{needed[arm]:.0f}" if np.isfinite(needed[arm])
+                                                   else f"> {MAX_SEEDS} (image noise)" for arm in compared],
+                          "variance": pilot["variance"].to_numpy()})
+    lines.append(text_table(table, {"seed sd": "{:.4f}".format, "se now": "{:.4f}".format}))
     finite = [n for n in needed.values() if np.isfinite(n)]
     if not finite:
         lines += ["", f"no number of seeds up to {MAX_SEEDS} detects {args.detect:g}: the validation set's image noise "
