@@ -32,6 +32,7 @@ from trainable.data.nih import write_atomically  # noqa: E402
 from trainable.errors import UserError  # noqa: E402
 
 from dashboards import effects as fx  # noqa: E402
+from dashboards.cost import PROBE, cost_section  # noqa: E402
 from dashboards import importance as imp  # noqa: E402
 from dashboards import plots  # noqa: E402
 from dashboards.effect_report import ReportContext, write_effect_report  # noqa: E402
@@ -142,7 +143,10 @@ def ablation_report(client, sweep: Sweep, out: Path, args: argparse.Namespace) -
         thresholds="each trial's own, chosen on the validation labels it was trained against (thresholds.json)",
         factors={arm: runs[0].tags.get("factor", arm) for arm, runs in trials.items()},
         synthetic=sweep.parent_tags.get("data") == "SYNTHETIC", notes=tuple(sweep.notes))
-    return write_effect_report(analysis, ctx, out)
+    def history(run_id: str) -> dict[int, float]:
+        return {metric.step: metric.value for metric in client.get_metric_history(run_id, PROBE)}
+    sections = [cost_section(trials, analysis.table, args.baseline, history)]
+    return write_effect_report(analysis, ctx, out, sections)
 
 
 # --- search sweeps ------------------------------------------------------------------------------------------

@@ -23,9 +23,12 @@ from search_spaces import OPTUNA_SPACE_FILE, load_arms, load_optuna_space
 from sweeps.tracking import PARENT_RUN_TAG, SweepRun
 from trainable.config import TrialConfig
 from trainable.findings import FINDINGS
+from trainable.metric_names import DEVICE_HOURS, FLOPS_PER_IMAGE, PARAM_COUNT, PEAK_RSS_MB, TRAIN_FLOPS
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = {"baseline": "baseline", "effusion_up": "loss", "cardiomegaly_down": "optimizer", "twin": "augmentation"}
+# training FLOPs of each arm's trials: effusion_up costs 1.5x the baseline, cardiomegaly_down half
+TRAIN_FLOPS_BY_ARM = {"baseline": 1e12, "effusion_up": 1.5e12, "cardiomegaly_down": 0.5e12, "twin": 1e12}
 # the search's data options, as its parent run records its arguments (every one away from its default)
 SEARCH_DATA = {"data": "/data/nih x", "split": "patient", "val_fraction": 0.3, "test_fraction": 0.25, "split_seed": 7,
                "view": "PA", "max_images": 500, "skip_missing": True}
@@ -37,12 +40,13 @@ def flat_config(**overrides) -> dict:
 
 
 def child_run(client, sweep: SweepRun, name: str, tags: dict, config: dict, metrics: dict, *,
-              status: str = "FINISHED", files: dict | None = None) -> str:
-    """A trial's child run as sweeps/mlflow_logger.py writes it."""
+              status: str = "FINISHED", files: dict | None = None, epoch_one: dict | None = None) -> str:
+    """A trial's child run as sweeps/mlflow_logger.py writes it (`epoch_one`: values that differ at epoch 1)."""
     run_id = client.create_run(sweep.experiment_id, run_name=name,
                                tags={**tags, PARENT_RUN_TAG: sweep.parent_run_id}).info.run_id
+    by_epoch = {1: {**metrics, **(epoch_one or {})}, 2: metrics}
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in config.items()],
-                     metrics=[Metric(k, v, 0, epoch) for epoch in (1, 2) for k, v in metrics.items()])
+                     metrics=[Metric(k, v, 0, epoch) for epoch in (1, 2) for k, v in by_epoch[epoch].items()])
     for path in (files or {}).values():
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id, status=status)
@@ -76,10 +80,15 @@ def store(tmp_path_factory):
     for arm, trials in simulated.items():
         for seed, trial in enumerate(trials):
             files = write_predictions(root / f"{arm}-s{seed}", trial)
+            flops = TRAIN_FLOPS_BY_ARM[arm]
             child_run(client, ablation, f"{arm}-s{seed}",
                       {"kind": "ablation", "trial_id": f"{arm}{seed}", "seed": str(seed), "arm": arm,
                        "factor": ARMS[arm]}, flat_config(seed=seed, epochs=2),
-                      {"val_auc_mean": 0.8, "epoch_seconds": 30.0 + seed}, files=files)
+                      {"val_auc_mean": 0.8, "epoch_seconds": 30.0 + seed, PARAM_COUNT: 1000.0 + seed,
+                       FLOPS_PER_IMAGE: flops / 2e4, TRAIN_FLOPS: flops, DEVICE_HOURS: (60 + seed) / 3600,
+                       PEAK_RSS_MB: 500.0}, files=files,
+                      # the baseline gains 0.10 from its second epoch: what the compute of one epoch buys it
+                      epoch_one={"val_auc_mean": 0.7, TRAIN_FLOPS: flops / 2})
     child_run(client, ablation, "broken-s0", {"kind": "ablation", "trial_id": "b0", "seed": "0", "arm": "broken",
                                               "factor": "loss"}, flat_config(epochs=2), {}, status="FAILED")
 
@@ -119,7 +128,8 @@ def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, tmp_p
                                "--n-boot", "200"])
     printed = capsys.readouterr().out
     assert rc == 0
-    expected = {"effects.csv", "forest_mean_auc.png", "heatmap_auc.png", "heatmap_f1.png", "ablation_report.html"}
+    expected = {"effects.csv", "forest_mean_auc.png", "heatmap_auc.png", "heatmap_f1.png", "ablation_report.html",
+                "cost.csv", "cost_vs_effect.png"}
     assert expected <= {p.name for p in out.iterdir()}
     logged = store["client"].list_artifacts(store["ablation"].parent_run_id, "ablation_report")
     assert expected <= {Path(a.path).name for a in logged}
@@ -136,7 +146,7 @@ def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, tmp_p
     assert {"p_value", "p_adjusted", "mde", "seeds_to_decide", "ci_low", "ci_high"} <= set(effects.columns)
 
     page = (out / "ablation_report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 3 and "http" not in page.split("<body>")[1]
+    assert page.count('src="data:image/png;base64,') == 4 and "http" not in page.split("<body>")[1]
     assert "broken-s0: did not finish" in page and "broken-s0: did not finish" in printed
     assert "effusion_up" in printed and "Effusion AUC" in printed
     # the header names the baseline once, the margin, the families and their methods
@@ -153,6 +163,34 @@ def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, tmp_p
     assert named[2].startswith("the baseline arm")
     search = open_sweep(store["client"], "search-test")
     assert config_evidence(store["client"], search, ["trial-00001"])[0].startswith("search best, not confirmed")
+
+
+def test_cost_table_sets_each_gain_against_what_the_same_compute_buys_the_baseline(store, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert ablation_report.main(["--sweep", "ablation-test", "--mlflow-uri", store["uri"], "--out", str(out),
+                                 "--n-boot", "100", "--no-log"]) == 0
+    printed = capsys.readouterr().out
+    cost = pd.read_csv(out / "cost.csv").set_index("arm")
+    effects = pd.read_csv(out / "effects.csv").set_index(["arm", "finding", "metric"])
+    assert list(cost.index) == ["baseline", "effusion_up", "cardiomegaly_down", "twin"]
+    # medians over the 3 seeds of what the child runs logged
+    assert cost.loc["baseline", PARAM_COUNT] == 1001.0 and cost.loc["baseline", PEAK_RSS_MB] == 500.0
+    assert cost.loc["twin", DEVICE_HOURS] == pytest.approx(61 / 3600)
+    assert cost.loc["effusion_up", "compute_vs_baseline"] == pytest.approx(1.5)
+    for arm in ("effusion_up", "cardiomegaly_down", "twin"):
+        assert cost.loc[arm, "delta_mean_auc"] == pytest.approx(effects.loc[(arm, MEAN, "auc"), "delta"])
+    # 1.5x compute = 3 baseline epochs of a 2-epoch run: the gain of its last 1 epoch (0.10), extrapolated
+    assert cost.loc["effusion_up", "compute_matched_gain"] == pytest.approx(0.10)
+    assert cost.loc["effusion_up", "baseline_at_compute"].startswith("extrapolated")
+    assert bool(cost.loc["effusion_up", "within_compute_gain"]) is True
+    # half the compute = the baseline at epoch 1, 0.10 worse: the arm does better than that
+    assert cost.loc["cardiomegaly_down", "compute_matched_gain"] == pytest.approx(-0.10)
+    assert cost.loc["cardiomegaly_down", "baseline_at_compute"].startswith("measured")
+    assert bool(cost.loc["cardiomegaly_down", "within_compute_gain"]) is False
+    assert "effusion_up" in printed.split("cost (median")[1].split("WITHIN COMPUTE GAIN")[0]
+    assert (out / "cost_vs_effect.png").stat().st_size > 10_000
+    # cost is never an effect row
+    assert not set(effects.index.get_level_values("finding")) & {PARAM_COUNT, TRAIN_FLOPS, DEVICE_HOURS}
 
 
 def write_prediction_files(folder: Path, simulated: dict) -> Path:
