@@ -8,7 +8,8 @@ epoch where it had spent the arm's compute, minus its final one. Where the arm s
 run, the sweep has no baseline there: the gain is extrapolated as the gain of the baseline's own last stretch of
 the same length (learning curves flatten, so this overstates what more compute would buy and errs towards marking
 an arm), and `baseline_at_compute` says so; where even that stretch is longer than its run, it is not estimable.
-An arm is marked `within_compute_gain` when its Δ mean AUC is no larger than that compute-matched gain.
+An arm is marked `within_compute_gain` when it gains (Δ mean AUC > 0) no more than that compute-matched gain; an
+arm within SAME_COMPUTE of the baseline's compute is compared with the baseline as it is (gain 0).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .sweep_reader import TrialRun
 
 PROBE = "val_auc_mean"
 COST_CSV, COST_PNG = "cost.csv", "cost_vs_effect.png"
+SAME_COMPUTE = 0.01            # compute ratios this close to 1 (e.g. 3 demographic inputs) are the same budget
 MEASURED_COLUMNS = (PARAM_COUNT, FLOPS_PER_IMAGE, TRAIN_FLOPS, TRAIN_IMAGES_PER_S, WALL_SECONDS, DEVICE_HOURS,
                     PEAK_GPU_MEMORY_MB, PEAK_RSS_MB)
 
@@ -79,11 +81,12 @@ def cost_table(trials: Mapping[str, Sequence[TrialRun]], effects: pd.DataFrame, 
             row["device_hours_vs_baseline"] = row[DEVICE_HOURS] / measured[baseline][DEVICE_HOURS]
         if arm != baseline and arm in primary.index:
             effect = primary.loc[arm]
-            gain, source = compute_matched_gain(curve, ratio * base_epochs)
+            gain, source = ((0.0, f"same compute (within {SAME_COMPUTE:.0%})") if abs(ratio - 1) <= SAME_COMPUTE
+                            else compute_matched_gain(curve, ratio * base_epochs))
             row.update(delta_mean_auc=effect["delta"], ci_low=effect["ci_low"], ci_high=effect["ci_high"],
                        verdict=effect["verdict"], baseline_epochs_at_compute=ratio * base_epochs,
                        compute_matched_gain=gain, baseline_at_compute=source,
-                       within_compute_gain=bool(effect["delta"] <= gain) if np.isfinite(gain) else None)
+                       within_compute_gain=bool(0 < effect["delta"] <= gain) if np.isfinite(gain) else None)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -131,7 +134,8 @@ def cost_section(trials: Mapping[str, Sequence[TrialRun]], effects: pd.DataFrame
             f"image × images trained). {PEAK_RSS_MB} is the trial process's peak resident set on the CPU, "
             f"{PEAK_GPU_MEMORY_MB} torch.cuda.max_memory_allocated on a GPU. compute_matched_gain: what the baseline "
             "gains (its mean val AUC at the arm's compute minus at its last epoch; dashboards/cost.py); "
-            "within_compute_gain: Δ mean AUC ≤ that gain, i.e. the same compute spent on the baseline buys as much.")
+            "within_compute_gain: 0 < Δ mean AUC ≤ that gain, i.e. the same compute spent on the baseline buys as "
+            "much.")
     summary = ["cost (median over seeds; compute = training FLOPs vs baseline; gain the baseline gets from it):"]
     for row in table.itertuples():
         line = f"  {row.arm:<24} compute ×{row.compute_vs_baseline:.3g}"

@@ -1,7 +1,9 @@
 """ablation_report end to end against a real SQLite MLflow store laid out as sweeps/ writes it: files written and
 logged on the parent run, verdicts right on planted effects, the same table from prediction files (--predictions)
 as from MLflow; the planner; a search sweep's importance and re-run command."""
+import contextlib
 import dataclasses
+import io
 import json
 import shlex
 import subprocess
@@ -122,12 +124,20 @@ def store(tmp_path_factory):
             "simulated": simulated}
 
 
-def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, tmp_path, capsys):
-    out = tmp_path / "report"
-    rc = ablation_report.main(["--sweep", "ablation-test", "--mlflow-uri", store["uri"], "--out", str(out),
-                               "--n-boot", "200"])
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def ablation_out(store, tmp_path_factory):
+    """The ablation's report, made once (and logged on its parent run): (folder, what it printed)."""
+    out = tmp_path_factory.mktemp("ablation") / "report"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = ablation_report.main(["--sweep", "ablation-test", "--mlflow-uri", store["uri"], "--out", str(out),
+                                   "--n-boot", "200"])
     assert rc == 0
+    return out, printed.getvalue()
+
+
+def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, ablation_out):
+    out, printed = ablation_out
     expected = {"effects.csv", "forest_mean_auc.png", "heatmap_auc.png", "heatmap_f1.png", "ablation_report.html",
                 "cost.csv", "cost_vs_effect.png"}
     assert expected <= {p.name for p in out.iterdir()}
@@ -165,11 +175,8 @@ def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, tmp_p
     assert config_evidence(store["client"], search, ["trial-00001"])[0].startswith("search best, not confirmed")
 
 
-def test_cost_table_sets_each_gain_against_what_the_same_compute_buys_the_baseline(store, tmp_path, capsys):
-    out = tmp_path / "report"
-    assert ablation_report.main(["--sweep", "ablation-test", "--mlflow-uri", store["uri"], "--out", str(out),
-                                 "--n-boot", "100", "--no-log"]) == 0
-    printed = capsys.readouterr().out
+def test_cost_table_sets_each_gain_against_what_the_same_compute_buys_the_baseline(ablation_out):
+    out, printed = ablation_out
     cost = pd.read_csv(out / "cost.csv").set_index("arm")
     effects = pd.read_csv(out / "effects.csv").set_index(["arm", "finding", "metric"])
     assert list(cost.index) == ["baseline", "effusion_up", "cardiomegaly_down", "twin"]
@@ -347,3 +354,80 @@ def test_reading_a_sweep_needs_no_torch():
     done = subprocess.run([sys.executable, "-c", "import sys, dashboards.sweep_reader; "
                            "sys.exit('torch' in sys.modules)"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def validation_metadata(images: np.ndarray, seed: int = 0) -> pd.DataFrame:
+    """Sex, age and view per validation image, one sex and age per patient, as the sweep driver logs them."""
+    rng = np.random.default_rng(seed)
+    patient = np.array([int(name.split("_")[0]) for name in images])
+    ids, index = np.unique(patient, return_inverse=True)
+    sex = np.where(rng.random(len(ids)) < 0.5, "F", "M")[index]
+    age = rng.integers(1, 95, len(ids))[index].astype(float)
+    age[:5] = np.nan
+    return pd.DataFrame({"image": images, "patient_id": patient, "age": age, "sex": sex,
+                         "view": np.where(rng.random(len(images)) < 0.6, "PA", "AP")})
+
+
+def test_shortcut_table_scores_metadata_and_chance_beside_the_image_model(store):
+    from sklearn.metrics import roc_auc_score
+    from dashboards.shortcuts import shortcut_table
+    from dashboards.effects import TrialPredictions
+    arms = {arm: store["simulated"][arm] for arm in ("baseline", "twin")}
+    base = arms["baseline"][0]
+    rng = np.random.default_rng(4)
+    probs = rng.random(base.labels.shape).astype(np.float32)        # metadata knows nothing ...
+    hernia = FINDINGS.index("Hernia")
+    probs[:, hernia] = np.clip(base.labels[:, hernia] * 0.6 + rng.random(len(probs)) * 0.5, 0, 1)  # ... but Hernia
+    order = rng.permutation(len(probs))                             # any row order: aligned by image name
+    metadata = TrialPredictions(base.labels[order], probs[order], np.full(14, 0.5), base.images[order], "metadata")
+    table = shortcut_table(arms, "baseline", metadata, n_boot=200).set_index("finding")
+    for k, finding in enumerate(FINDINGS):
+        assert table.loc[finding, "metadata_auc"] == pytest.approx(roc_auc_score(base.labels[:, k], probs[:, k]))
+        assert table.loc[finding, "image_auc"] == pytest.approx(
+            np.mean([roc_auc_score(t.labels[:, k], t.probs[:, k]) for t in arms["baseline"]]))
+        assert table.loc[finding, "auc_twin"] == pytest.approx(
+            np.mean([roc_auc_score(t.labels[:, k], t.probs[:, k]) for t in arms["twin"]]))
+    assert table.loc["Hernia", "metadata_auc"] > table.loc["Hernia", "image_auc"]
+    assert table.loc["Hernia", "flag"] == "metadata alone does as well or better"
+    others = table.drop(index="Hernia")
+    assert others["clearly_beats_metadata"].all() and (others["flag"] == "").all()
+    assert ((table["shuffled_auc"] - 0.5).abs() < 0.03).all() and (table["shuffled_auc_95"] < table["image_auc"]).all()
+    # the floor's rank-sum AUC is sklearn's: one permutation scored both ways
+    from dashboards.shortcuts import shuffled_floor
+    one = TrialPredictions(base.labels, base.probs, base.thresholds, base.images)
+    floor, _ = shuffled_floor(one, shuffles=1, seed=9)
+    permuted = base.labels[np.random.default_rng(9).permutation(len(base.labels))]
+    assert floor == pytest.approx([roc_auc_score(permuted[:, k], base.probs[:, k]) for k in range(14)])
+
+
+def test_subgroup_gaps_find_a_planted_gap_and_none_in_an_identical_arm(store, tmp_path):
+    from dashboards.effects import TrialPredictions
+    from dashboards.subgroup_gaps import gap_section, metric_frame, subgroups
+    baseline = store["simulated"]["baseline"]
+    metadata = validation_metadata(baseline[0].images)
+    female = (metadata["sex"] == "F").to_numpy()
+    rng = np.random.default_rng(5)
+
+    def blurred_for_women(trial):
+        probs = trial.probs.copy()
+        probs[female] = 0.5 * probs[female] + 0.5 * rng.random(probs[female].shape)      # worse for F only
+        return TrialPredictions(trial.labels, probs, trial.thresholds, trial.images, trial.name + "-f")
+    arms = {"baseline": baseline, "twin": store["simulated"]["twin"],
+            "worse_for_women": [blurred_for_women(t) for t in baseline]}
+    section = gap_section(arms, "baseline", metadata, n_boot=200)
+    values = section.tables["subgroup_values.csv"]
+    rows = section.tables["subgroup_gaps.csv"].set_index(["arm", "attribute", "metric"])
+    planted = rows.loc[("worse_for_women", "sex", "mean_auc")]
+    assert planted["verdict"] == "widens" and planted["ci_low"] > 0 and planted["p_adjusted"] <= 0.05
+    assert not rows.loc["twin"]["verdict"].isin(["widens", "narrows"]).any()
+    assert set(rows.index.get_level_values("attribute")) == {"sex", "age", "view"}
+    # the bootstrap's point gaps equal fairlearn MetricFrame's per-group values (sklearn metrics)
+    groups = subgroups(metadata)
+    for attribute in ("sex", "age"):
+        kept = sorted(values.loc[values["attribute"] == attribute, "group"].unique())
+        gaps = [metric_frame(t, groups[attribute], kept) for t in baseline]
+        for metric in ("mean_auc", "underdiagnosis"):
+            expected = np.mean([g[metric].max() - g[metric].min() for g in gaps])
+            assert rows.loc[("twin", attribute, metric), "baseline_gap"] == pytest.approx(expected, abs=1e-9)
+    assert "age unknown" not in set(values["group"])            # 5 images: too few to be a group
+    assert "subgroup_gaps.png" in section.figures and any("WIDENS" in line for line in section.summary)
