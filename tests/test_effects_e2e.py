@@ -78,7 +78,8 @@ def test_arm_identical_to_baseline_is_never_called_different(report):
 def test_report_files_are_written(report):
     _, out = report
     assert {"effects.csv", "forest_mean_auc.png", "heatmap_auc.png", "ablation_report.html", "cost.csv",
-            "cost_vs_effect.png", "shortcut_baselines.csv"} <= {p.name for p in out.iterdir()}
+            "cost_vs_effect.png", "shortcut_baselines.csv", "subgroup_gaps.csv", "subgroup_gaps.png"} <= \
+        {p.name for p in out.iterdir()}
 
 
 def test_metadata_alone_beats_the_image_model_on_the_age_finding_only(report):
