@@ -18,6 +18,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from trainable.metric_names import (DEVICE_HOURS, FLOPS_PER_IMAGE, PARAM_COUNT, PEAK_GPU_MEMORY_MB, PEAK_RSS_MB,
                                     TRAIN_FLOPS, TRAIN_IMAGES_PER_S, WALL_SECONDS)
@@ -113,6 +114,9 @@ def cost_plot(table: pd.DataFrame, curve: pd.Series | None = None) -> Figure:
                     xytext=(6, 4), fontsize=8)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    ratio = FuncFormatter(lambda value, _: f"×{value:g}")
+    ax.xaxis.set_major_formatter(ratio)
+    ax.xaxis.set_minor_formatter(ratio)
     ax.set_xlabel("training compute vs baseline (FLOPs, median over seeds; log scale)")
     ax.set_ylabel("Δ mean AUC vs baseline (interval)")
     ax.set_title("Gain vs compute: hollow = no more than the baseline gains from the same compute")

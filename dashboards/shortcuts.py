@@ -122,9 +122,13 @@ def shortcut_table(arms: Mapping[str, Sequence[TrialPredictions]], baseline: str
     for arm, trials in arms.items():
         if arm != baseline:
             aligned = align_trials({arm: trials}, reference)[arm]
-            table[f"auc_{arm}"] = [np.mean([roc_auc_score(t.labels[:, k], t.probs[:, k]) if 0 < t.labels[:, k].sum()
-                                            < len(t.labels) else np.nan for t in aligned]) for k in range(len(FINDINGS))]
+            table[f"auc_{arm}"] = [np.mean([_auc(t.labels[:, k], t.probs[:, k]) for t in aligned])
+                                   for k in range(len(FINDINGS))]
     return table
+
+
+def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    return roc_auc_score(labels, probs) if 0 < labels.sum() < len(labels) else float("nan")
 
 
 def read_shortcut_inputs(folder: Path) -> tuple[TrialPredictions | None, pd.DataFrame | None]:

@@ -27,9 +27,12 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from .effect_report import ReportSection
-from .effects import (DEFAULT_ALPHA, DEFAULT_MARGIN, HELPS, HURTS, TrialPredictions, _t_tests, align_trials, bootstrap_counts,
-                      decide_family, patient_groups, resampled_metrics)
+from trainable.errors import DataError
+
+from .effects import (DEFAULT_ALPHA, DEFAULT_MARGIN, HELPS, HURTS, TrialPredictions, _t_tests, align_trials,
+                      bootstrap_counts, decide_family, patient_groups, resampled_metrics)
 from .plots import verdict_colour
+from .shortcuts import ARTIFACT_FOLDER, VAL_METADATA_CSV
 from .variance import delta_variance, seed_model
 
 AGE_BANDS = ((0, 20), (20, 40), (40, 60), (60, 80), (80, 200))
@@ -111,7 +114,8 @@ def gap_rows(arms: Mapping[str, Sequence[TrialPredictions]], baseline: str, meta
     arms = align_trials(arms, reference)
     order = pd.Index(metadata["image"].astype(str)).get_indexer(np.asarray(reference.images).astype(str))
     if (order < 0).any():
-        raise ValueError("the logged validation metadata does not cover the trials' validation images")
+        raise DataError(f"{ARTIFACT_FOLDER}/{VAL_METADATA_CSV} on the parent run lacks validation image "
+                        f"{np.asarray(reference.images)[order < 0][0]} of the trials; expected the sweep's own split")
     metadata = metadata.iloc[order].reset_index(drop=True)
     trials = [t for ts in arms.values() for t in ts]
     arm_of = np.repeat(list(arms), [len(ts) for ts in arms.values()])
@@ -155,7 +159,8 @@ def gap_rows(arms: Mapping[str, Sequence[TrialPredictions]], baseline: str, meta
     table = pd.DataFrame(rows)
     if len(table):
         quantile = stats.t.ppf(1 - alpha / 2, table["df"].to_numpy(float))
-        table["ci_low"], table["ci_high"] = table["delta"] - quantile * table["se"], table["delta"] + quantile * table["se"]
+        table["ci_low"] = table["delta"] - quantile * table["se"]
+        table["ci_high"] = table["delta"] + quantile * table["se"]
         decide_family(table, "fdr_bh", alpha)
         # a call on a gap says which way the gap moved, not whether the arm "helps"
         called = table["verdict"].isin([HELPS, HURTS])
@@ -195,9 +200,9 @@ def gap_section(arms: Mapping[str, Sequence[TrialPredictions]], baseline: str, m
     if table.empty:
         return ReportSection(heading, (f"No attribute has two groups with ≥ {MIN_GROUP_SICK} images with a "
                                        "finding: no gaps.",), summary=("subgroup gaps: too few images per group",))
-    text = ("gap = largest − smallest value over an attribute's groups (sex; age bands 0–20, 20–40, 40–60, 60–80, "
-            f"80+, unknown apart; view), groups with ≥ {MIN_GROUP_SICK} images with a finding; mean_auc: mean "
-            "per-finding AUC in the group; underdiagnosis: share of the group's images with a finding where every "
+    text = ("gap = largest − smallest value over an attribute's groups (sex; age bands 0–20, 20–40, 40–60, "
+            f"60–80, 80+, unknown apart; view), groups with ≥ {MIN_GROUP_SICK} images with a finding; mean_auc: "
+            "mean per-finding AUC in the group; underdiagnosis: share of the group's images with a finding where every "
             "probability is below the trial's threshold (Seyyed-Kalantari et al. 2021). Δ = arm − baseline, "
             "intervals and p-values as the secondary rows (paired patient bootstrap + seed variance, t), "
             f"Benjamini–Hochberg over these {len(table)} rows at α = {alpha:g}. Δ < 0 narrows the gap.")

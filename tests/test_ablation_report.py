@@ -19,7 +19,7 @@ from mlflow.entities import Metric, Param
 from dashboards import ablation_report, plan_sweep
 from dashboards.effects import HELPS, HURTS, MEAN, NOT_ESTIMABLE, PRIMARY, SECONDARY
 from dashboards.evidence import config_evidence
-from dashboards.simulate import simulate_sweep
+from dashboards.simulate import simulate_metadata, simulate_sweep
 from dashboards.sweep_reader import PREDICTIONS_FILE, THRESHOLDS_FILE, open_sweep
 from search_spaces import OPTUNA_SPACE_FILE, load_arms, load_optuna_space
 from sweeps.tracking import PARENT_RUN_TAG, SweepRun
@@ -356,18 +356,6 @@ def test_reading_a_sweep_needs_no_torch():
     assert done.returncode == 0, done.stderr
 
 
-def validation_metadata(images: np.ndarray, seed: int = 0) -> pd.DataFrame:
-    """Sex, age and view per validation image, one sex and age per patient, as the sweep driver logs them."""
-    rng = np.random.default_rng(seed)
-    patient = np.array([int(name.split("_")[0]) for name in images])
-    ids, index = np.unique(patient, return_inverse=True)
-    sex = np.where(rng.random(len(ids)) < 0.5, "F", "M")[index]
-    age = rng.integers(1, 95, len(ids))[index].astype(float)
-    age[:5] = np.nan
-    return pd.DataFrame({"image": images, "patient_id": patient, "age": age, "sex": sex,
-                         "view": np.where(rng.random(len(images)) < 0.6, "PA", "AP")})
-
-
 def test_shortcut_table_scores_metadata_and_chance_beside_the_image_model(store):
     from sklearn.metrics import roc_auc_score
     from dashboards.shortcuts import shortcut_table
@@ -404,7 +392,7 @@ def test_subgroup_gaps_find_a_planted_gap_and_none_in_an_identical_arm(store, tm
     from dashboards.effects import TrialPredictions
     from dashboards.subgroup_gaps import gap_section, metric_frame, subgroups
     baseline = store["simulated"]["baseline"]
-    metadata = validation_metadata(baseline[0].images)
+    metadata = simulate_metadata(baseline[0].images)
     female = (metadata["sex"] == "F").to_numpy()
     rng = np.random.default_rng(5)
 

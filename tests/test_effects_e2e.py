@@ -93,9 +93,10 @@ def test_metadata_alone_beats_the_image_model_on_the_age_finding_only(report):
     assert not age["clearly_beats_metadata"] and age["flag"] == "metadata alone does as well or better"
     pixels = shortcuts.drop(index=AGE_FINDING)
     assert (pixels["image_auc"] > pixels["metadata_auc"]).all()
-    assert pixels["clearly_beats_metadata"].sum() >= len(pixels) - 2
+    assert pixels["clearly_beats_metadata"].sum() >= 0.75 * len(pixels)      # the rarest may lack the positives
     # chance: the baseline's probabilities against shuffled labels sit near 0.5
-    assert ((pixels["shuffled_auc"] - 0.5).abs() < 0.05).all() and (pixels["shuffled_auc_95"] < pixels["image_auc"]).all()
+    assert ((pixels["shuffled_auc"] - 0.5).abs() < 0.05).all()
+    assert (pixels["shuffled_auc_95"] < pixels["image_auc"]).all()
 
 
 def test_child_runs_carry_the_cost_of_their_arm(report):
