@@ -148,7 +148,8 @@ def ablation_report(client, sweep: Sweep, out: Path, args: argparse.Namespace) -
         thresholds="each trial's own, chosen on the validation labels it was trained against (thresholds.json)",
         factors={arm: runs[0].tags.get("factor", arm) for arm, runs in trials.items()},
         synthetic=sweep.parent_tags.get("data") == "SYNTHETIC", notes=tuple(sweep.notes))
-    def history(run_id: str) -> dict[int, float]:
+
+    def history(run_id: str) -> dict[int, float]:          # the baseline's per-epoch curve (dashboards/cost.py)
         return {metric.step: metric.value for metric in client.get_metric_history(run_id, PROBE)}
     with tempfile.TemporaryDirectory(prefix="ablation-report-") as scratch:
         metadata_model, val_metadata = read_shortcut_inputs(download_parent_folder(client, sweep, SHORTCUT_FOLDER,
