@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -32,6 +33,10 @@ from trainable.data.nih import write_atomically  # noqa: E402
 from trainable.errors import UserError  # noqa: E402
 
 from dashboards import effects as fx  # noqa: E402
+from dashboards.cost import PROBE, cost_section  # noqa: E402
+from dashboards.shortcuts import ARTIFACT_FOLDER as SHORTCUT_FOLDER  # noqa: E402
+from dashboards.shortcuts import read_shortcut_inputs, shortcut_section  # noqa: E402
+from dashboards.subgroup_gaps import gap_section  # noqa: E402
 from dashboards import importance as imp  # noqa: E402
 from dashboards import plots  # noqa: E402
 from dashboards.effect_report import ReportContext, write_effect_report  # noqa: E402
@@ -136,14 +141,33 @@ def ablation_report(client, sweep: Sweep, out: Path, args: argparse.Namespace) -
         raise UserError(f"sweep {sweep.name}: no finished trial of the baseline arm {args.baseline!r} "
                         f"(arms with finished trials: {', '.join(trials) or 'none'})")
     rounds, margin = sweep_rounds(sweep)
+    predictions = load_arm_predictions(client, trials)
     analysis, ctx = analyse(
-        load_arm_predictions(client, trials), args, rounds=rounds, margin=margin,
+        predictions, args, rounds=rounds, margin=margin,
         title=f"sweep {sweep.name} (parent run {sweep.parent_run_id}; data {sweep.parent_tags.get('data', '?')}, "
               f"fingerprint {sweep.parent_tags.get('data_fingerprint', '?')})",
         thresholds="each trial's own, chosen on the validation labels it was trained against (thresholds.json)",
         factors={arm: runs[0].tags.get("factor", arm) for arm, runs in trials.items()},
         synthetic=sweep.parent_tags.get("data") == "SYNTHETIC", notes=tuple(sweep.notes))
-    return write_effect_report(analysis, ctx, out)
+
+    def history(run_id: str) -> dict[int, float]:          # the baseline's per-epoch curve (dashboards/cost.py)
+        return {metric.step: metric.value for metric in client.get_metric_history(run_id, PROBE)}
+    with tempfile.TemporaryDirectory(prefix="ablation-report-") as scratch:
+        metadata_model, val_metadata = read_shortcut_inputs(download_parent_folder(client, sweep, SHORTCUT_FOLDER,
+                                                                                    Path(scratch)))
+    sections = [cost_section(trials, analysis.table, args.baseline, history),
+                shortcut_section(predictions, args.baseline, metadata_model, n_boot=args.n_boot, alpha=ctx.alpha,
+                                 seed=args.seed),
+                gap_section(predictions, args.baseline, val_metadata, n_boot=args.n_boot, alpha=ctx.alpha,
+                            margin=ctx.margin, seed=args.seed)]
+    return write_effect_report(analysis, ctx, out, sections)
+
+
+def download_parent_folder(client, sweep: Sweep, folder: str, target: Path) -> Path:
+    """The parent run's artifact folder `folder`, downloaded into `target` (absent where the sweep logged none)."""
+    if any(Path(a.path).name == folder for a in client.list_artifacts(sweep.parent_run_id)):
+        client.download_artifacts(sweep.parent_run_id, folder, str(target))
+    return target / folder
 
 
 # --- search sweeps ------------------------------------------------------------------------------------------

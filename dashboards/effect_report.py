@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import pandas as pd
 
@@ -36,6 +36,17 @@ class ReportContext:
     factors: Mapping[str, str] = field(default_factory=dict)
     synthetic: bool = False
     notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """A part of the report beside the effects (cost, shortcut baselines, subgroup gaps): its own heading, text,
+    tables (each also written as a CSV file) and figures (PNG files), and the lines it adds to the summary."""
+    heading: str
+    paragraphs: tuple[str, ...] = ()
+    tables: Mapping[str, pd.DataFrame] = field(default_factory=dict)      # file name -> table
+    figures: Mapping[str, object] = field(default_factory=dict)           # file name -> matplotlib Figure
+    summary: tuple[str, ...] = ()
 
 
 def method_lines(ctx: ReportContext) -> list[str]:
@@ -102,7 +113,8 @@ def limits(table: pd.DataFrame, ctx: ReportContext) -> list[str]:
     return lines
 
 
-def write_effect_report(analysis: Analysis, ctx: ReportContext, out: Path) -> tuple[list[Path], str]:
+def write_effect_report(analysis: Analysis, ctx: ReportContext, out: Path,
+                        sections: Sequence[ReportSection] = ()) -> tuple[list[Path], str]:
     table = analysis.table.copy()
     table.insert(1, "factor", table["arm"].map(lambda arm: ctx.factors.get(arm, arm)))
     table["stopped"] = table["arm"].map(lambda arm: analysis.stops.get(arm, ""))
@@ -115,8 +127,28 @@ def write_effect_report(analysis: Analysis, ctx: ReportContext, out: Path) -> tu
     for name, png in pngs.items():
         write_atomically(out / name, lambda tmp: tmp.write_bytes(png))
         files.append(out / name)
-    files.append(_html(table, ctx, pngs).write(out / REPORT_HTML))
-    return files, _summary(table, ctx)
+    report = _html(table, ctx, pngs)
+    for section in sections:
+        files += _write_section(report, section, out)
+    files.append(report.write(out / REPORT_HTML))
+    return files, "\n".join([_summary(table, ctx), *(line for section in sections for line in ("", *section.summary))])
+
+
+def _write_section(report: HtmlReport, section: ReportSection, out: Path) -> list[Path]:
+    files = []
+    report.heading(section.heading)
+    for text in section.paragraphs:
+        report.paragraph(text)
+    for name, fig in section.figures.items():
+        png = plots.png_bytes(fig)
+        write_atomically(out / name, lambda tmp: tmp.write_bytes(png))
+        files.append(out / name)
+        report.figure(png, f"{section.heading}: {name}")
+    for name, frame in section.tables.items():
+        write_atomically(out / name, lambda tmp: frame.to_csv(tmp, index=False))
+        files.append(out / name)
+        report.table(frame, float_format="{:.4g}")
+    return files
 
 
 def _html(table: pd.DataFrame, ctx: ReportContext, pngs: Mapping[str, bytes]) -> HtmlReport:

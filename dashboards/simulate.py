@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 from trainable.findings import FINDINGS
@@ -111,3 +112,16 @@ def _mean_auc(positive: np.ndarray, scores: np.ndarray) -> float:
     sklearn, and much faster than roc_auc_score on 20,000 images)."""
     return float(np.mean([stats.mannwhitneyu(scores[positive[:, k], k], scores[~positive[:, k], k]).statistic
                           / (positive[:, k].sum() * (~positive[:, k]).sum()) for k in range(positive.shape[1])]))
+
+
+def simulate_metadata(images: Sequence[str], seed: int = 0, unknown_ages: int = 5) -> pd.DataFrame:
+    """Sex, age and view of simulated validation images (one sex and age per patient, parsed from the NIH-style
+    names; the first `unknown_ages` images' ages unknown), in the columns the sweep driver logs."""
+    rng = np.random.default_rng(seed)
+    patient = np.array([int(str(name).split("_")[0]) for name in images])
+    ids, index = np.unique(patient, return_inverse=True)
+    age = rng.integers(1, 95, len(ids))[index].astype(float)
+    age[:unknown_ages] = np.nan
+    return pd.DataFrame({"image": list(images), "patient_id": patient, "age": age,
+                         "sex": np.where(rng.random(len(ids)) < 0.5, "F", "M")[index],
+                         "view": np.where(rng.random(len(images)) < 0.6, "PA", "AP")})

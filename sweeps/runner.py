@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -24,6 +25,8 @@ from ray import tune
 from ray.tune import CLIReporter, ExperimentAnalysis
 
 from dashboards.commands import ABLATION_REPORT_SCRIPT, python_words, shell_join
+from dashboards.shortcuts import ARTIFACT_FOLDER as SHORTCUT_FOLDER
+from dashboards.shortcuts import write_shortcut_inputs
 from search_spaces import OPTUNA_SPACE_FILE
 from trainable.data.options import data_spec
 from trainable.config import TrialConfig, parse_overrides
@@ -285,7 +288,17 @@ def _start_parent(sweep: Sweep) -> SweepRun:
         mlflow={"experiment_id": parent.experiment_id, "parent_run_id": parent.parent_run_id,
                 "tracking_uri": mask_secrets(sweep.uri)}))
     record_written(sweep.client, parent.parent_run_id, {RECORD_FILE: written})
+    if sweep.plan.kind == "ablation":
+        _log_shortcut_inputs(sweep, parent)
     return parent
+
+
+def _log_shortcut_inputs(sweep: Sweep, parent: SweepRun) -> None:
+    """Once per ablation, on its split, before any trial: the metadata-only model's validation predictions and
+    the validation metadata the report's shortcut baselines and subgroup gaps read (dashboards/shortcuts.py)."""
+    with tempfile.TemporaryDirectory(prefix="shortcut-baselines-") as folder:
+        for path in write_shortcut_inputs(sweep.data, Path(folder)):
+            sweep.client.log_artifact(parent.parent_run_id, str(path), artifact_path=SHORTCUT_FOLDER)
 
 
 def _reopen_parent(sweep: Sweep) -> SweepRun:

@@ -1,7 +1,9 @@
 """ablation_report end to end against a real SQLite MLflow store laid out as sweeps/ writes it: files written and
 logged on the parent run, verdicts right on planted effects, the same table from prediction files (--predictions)
 as from MLflow; the planner; a search sweep's importance and re-run command."""
+import contextlib
 import dataclasses
+import io
 import json
 import shlex
 import subprocess
@@ -17,15 +19,18 @@ from mlflow.entities import Metric, Param
 from dashboards import ablation_report, plan_sweep
 from dashboards.effects import HELPS, HURTS, MEAN, NOT_ESTIMABLE, PRIMARY, SECONDARY
 from dashboards.evidence import config_evidence
-from dashboards.simulate import simulate_sweep
+from dashboards.simulate import simulate_metadata, simulate_sweep
 from dashboards.sweep_reader import PREDICTIONS_FILE, THRESHOLDS_FILE, open_sweep
 from search_spaces import OPTUNA_SPACE_FILE, load_arms, load_optuna_space
 from sweeps.tracking import PARENT_RUN_TAG, SweepRun
 from trainable.config import TrialConfig
 from trainable.findings import FINDINGS
+from trainable.metric_names import DEVICE_HOURS, FLOPS_PER_IMAGE, PARAM_COUNT, PEAK_RSS_MB, TRAIN_FLOPS
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = {"baseline": "baseline", "effusion_up": "loss", "cardiomegaly_down": "optimizer", "twin": "augmentation"}
+# training FLOPs of each arm's trials: effusion_up costs 1.5x the baseline, cardiomegaly_down half
+TRAIN_FLOPS_BY_ARM = {"baseline": 1e12, "effusion_up": 1.5e12, "cardiomegaly_down": 0.5e12, "twin": 1e12}
 # the search's data options, as its parent run records its arguments (every one away from its default)
 SEARCH_DATA = {"data": "/data/nih x", "split": "patient", "val_fraction": 0.3, "test_fraction": 0.25, "split_seed": 7,
                "view": "PA", "max_images": 500, "skip_missing": True}
@@ -37,12 +42,13 @@ def flat_config(**overrides) -> dict:
 
 
 def child_run(client, sweep: SweepRun, name: str, tags: dict, config: dict, metrics: dict, *,
-              status: str = "FINISHED", files: dict | None = None) -> str:
-    """A trial's child run as sweeps/mlflow_logger.py writes it."""
+              status: str = "FINISHED", files: dict | None = None, epoch_one: dict | None = None) -> str:
+    """A trial's child run as sweeps/mlflow_logger.py writes it (`epoch_one`: values that differ at epoch 1)."""
     run_id = client.create_run(sweep.experiment_id, run_name=name,
                                tags={**tags, PARENT_RUN_TAG: sweep.parent_run_id}).info.run_id
+    by_epoch = {1: {**metrics, **(epoch_one or {})}, 2: metrics}
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in config.items()],
-                     metrics=[Metric(k, v, 0, epoch) for epoch in (1, 2) for k, v in metrics.items()])
+                     metrics=[Metric(k, v, 0, epoch) for epoch in (1, 2) for k, v in by_epoch[epoch].items()])
     for path in (files or {}).values():
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id, status=status)
@@ -76,10 +82,15 @@ def store(tmp_path_factory):
     for arm, trials in simulated.items():
         for seed, trial in enumerate(trials):
             files = write_predictions(root / f"{arm}-s{seed}", trial)
+            flops = TRAIN_FLOPS_BY_ARM[arm]
             child_run(client, ablation, f"{arm}-s{seed}",
                       {"kind": "ablation", "trial_id": f"{arm}{seed}", "seed": str(seed), "arm": arm,
                        "factor": ARMS[arm]}, flat_config(seed=seed, epochs=2),
-                      {"val_auc_mean": 0.8, "epoch_seconds": 30.0 + seed}, files=files)
+                      {"val_auc_mean": 0.8, "epoch_seconds": 30.0 + seed, PARAM_COUNT: 1000.0 + seed,
+                       FLOPS_PER_IMAGE: flops / 2e4, TRAIN_FLOPS: flops, DEVICE_HOURS: (60 + seed) / 3600,
+                       PEAK_RSS_MB: 500.0}, files=files,
+                      # the baseline gains 0.10 from its second epoch: what the compute of one epoch buys it
+                      epoch_one={"val_auc_mean": 0.7, TRAIN_FLOPS: flops / 2})
     child_run(client, ablation, "broken-s0", {"kind": "ablation", "trial_id": "b0", "seed": "0", "arm": "broken",
                                               "factor": "loss"}, flat_config(epochs=2), {}, status="FAILED")
 
@@ -113,13 +124,22 @@ def store(tmp_path_factory):
             "simulated": simulated}
 
 
-def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, tmp_path, capsys):
-    out = tmp_path / "report"
-    rc = ablation_report.main(["--sweep", "ablation-test", "--mlflow-uri", store["uri"], "--out", str(out),
-                               "--n-boot", "200"])
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def ablation_out(store, tmp_path_factory):
+    """The ablation's report, made once (and logged on its parent run): (folder, what it printed)."""
+    out = tmp_path_factory.mktemp("ablation") / "report"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = ablation_report.main(["--sweep", "ablation-test", "--mlflow-uri", store["uri"], "--out", str(out),
+                                   "--n-boot", "200"])
     assert rc == 0
-    expected = {"effects.csv", "forest_mean_auc.png", "heatmap_auc.png", "heatmap_f1.png", "ablation_report.html"}
+    return out, printed.getvalue()
+
+
+def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, ablation_out):
+    out, printed = ablation_out
+    expected = {"effects.csv", "forest_mean_auc.png", "heatmap_auc.png", "heatmap_f1.png", "ablation_report.html",
+                "cost.csv", "cost_vs_effect.png"}
     assert expected <= {p.name for p in out.iterdir()}
     logged = store["client"].list_artifacts(store["ablation"].parent_run_id, "ablation_report")
     assert expected <= {Path(a.path).name for a in logged}
@@ -136,7 +156,7 @@ def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, tmp_p
     assert {"p_value", "p_adjusted", "mde", "seeds_to_decide", "ci_low", "ci_high"} <= set(effects.columns)
 
     page = (out / "ablation_report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 3 and "http" not in page.split("<body>")[1]
+    assert page.count('src="data:image/png;base64,') == 4 and "http" not in page.split("<body>")[1]
     assert "broken-s0: did not finish" in page and "broken-s0: did not finish" in printed
     assert "effusion_up" in printed and "Effusion AUC" in printed
     # the header names the baseline once, the margin, the families and their methods
@@ -153,6 +173,31 @@ def test_ablation_report_writes_logs_and_gets_planted_effects_right(store, tmp_p
     assert named[2].startswith("the baseline arm")
     search = open_sweep(store["client"], "search-test")
     assert config_evidence(store["client"], search, ["trial-00001"])[0].startswith("search best, not confirmed")
+
+
+def test_cost_table_sets_each_gain_against_what_the_same_compute_buys_the_baseline(ablation_out):
+    out, printed = ablation_out
+    cost = pd.read_csv(out / "cost.csv").set_index("arm")
+    effects = pd.read_csv(out / "effects.csv").set_index(["arm", "finding", "metric"])
+    assert list(cost.index) == ["baseline", "effusion_up", "cardiomegaly_down", "twin"]
+    # medians over the 3 seeds of what the child runs logged
+    assert cost.loc["baseline", PARAM_COUNT] == 1001.0 and cost.loc["baseline", PEAK_RSS_MB] == 500.0
+    assert cost.loc["twin", DEVICE_HOURS] == pytest.approx(61 / 3600)
+    assert cost.loc["effusion_up", "compute_vs_baseline"] == pytest.approx(1.5)
+    for arm in ("effusion_up", "cardiomegaly_down", "twin"):
+        assert cost.loc[arm, "delta_mean_auc"] == pytest.approx(effects.loc[(arm, MEAN, "auc"), "delta"])
+    # 1.5x compute = 3 baseline epochs of a 2-epoch run: the gain of its last 1 epoch (0.10), extrapolated
+    assert cost.loc["effusion_up", "compute_matched_gain"] == pytest.approx(0.10)
+    assert cost.loc["effusion_up", "baseline_at_compute"].startswith("extrapolated")
+    assert bool(cost.loc["effusion_up", "within_compute_gain"]) is True
+    # half the compute = the baseline at epoch 1, 0.10 worse: the arm does better than that
+    assert cost.loc["cardiomegaly_down", "compute_matched_gain"] == pytest.approx(-0.10)
+    assert cost.loc["cardiomegaly_down", "baseline_at_compute"].startswith("measured")
+    assert bool(cost.loc["cardiomegaly_down", "within_compute_gain"]) is False
+    assert "effusion_up" in printed.split("cost (median")[1].split("WITHIN COMPUTE GAIN")[0]
+    assert (out / "cost_vs_effect.png").stat().st_size > 10_000
+    # cost is never an effect row
+    assert not set(effects.index.get_level_values("finding")) & {PARAM_COUNT, TRAIN_FLOPS, DEVICE_HOURS}
 
 
 def write_prediction_files(folder: Path, simulated: dict) -> Path:
@@ -309,3 +354,69 @@ def test_reading_a_sweep_needs_no_torch():
     done = subprocess.run([sys.executable, "-c", "import sys, dashboards.sweep_reader; "
                            "sys.exit('torch' in sys.modules)"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_shortcut_table_scores_metadata_and_chance_beside_the_image_model(store):
+    from sklearn.metrics import roc_auc_score
+    from dashboards.shortcuts import shortcut_table
+    from dashboards.effects import TrialPredictions
+    arms = {arm: store["simulated"][arm] for arm in ("baseline", "twin")}
+    base = arms["baseline"][0]
+    rng = np.random.default_rng(4)
+    probs = rng.random(base.labels.shape).astype(np.float32)        # metadata knows nothing ...
+    hernia = FINDINGS.index("Hernia")
+    probs[:, hernia] = np.clip(base.labels[:, hernia] * 0.6 + rng.random(len(probs)) * 0.5, 0, 1)  # ... but Hernia
+    order = rng.permutation(len(probs))                             # any row order: aligned by image name
+    metadata = TrialPredictions(base.labels[order], probs[order], np.full(14, 0.5), base.images[order], "metadata")
+    table = shortcut_table(arms, "baseline", metadata, n_boot=200).set_index("finding")
+    for k, finding in enumerate(FINDINGS):
+        assert table.loc[finding, "metadata_auc"] == pytest.approx(roc_auc_score(base.labels[:, k], probs[:, k]))
+        assert table.loc[finding, "image_auc"] == pytest.approx(
+            np.mean([roc_auc_score(t.labels[:, k], t.probs[:, k]) for t in arms["baseline"]]))
+        assert table.loc[finding, "auc_twin"] == pytest.approx(
+            np.mean([roc_auc_score(t.labels[:, k], t.probs[:, k]) for t in arms["twin"]]))
+    assert table.loc["Hernia", "metadata_auc"] > table.loc["Hernia", "image_auc"]
+    assert table.loc["Hernia", "flag"] == "metadata alone does as well or better"
+    others = table.drop(index="Hernia")
+    assert others["clearly_beats_metadata"].all() and (others["flag"] == "").all()
+    assert ((table["shuffled_auc"] - 0.5).abs() < 0.03).all() and (table["shuffled_auc_95"] < table["image_auc"]).all()
+    # the floor's rank-sum AUC is sklearn's: one permutation scored both ways
+    from dashboards.shortcuts import shuffled_floor
+    one = TrialPredictions(base.labels, base.probs, base.thresholds, base.images)
+    floor, _ = shuffled_floor(one, shuffles=1, seed=9)
+    permuted = base.labels[np.random.default_rng(9).permutation(len(base.labels))]
+    assert floor == pytest.approx([roc_auc_score(permuted[:, k], base.probs[:, k]) for k in range(14)])
+
+
+def test_subgroup_gaps_find_a_planted_gap_and_none_in_an_identical_arm(store, tmp_path):
+    from dashboards.effects import TrialPredictions
+    from dashboards.subgroup_gaps import gap_section, metric_frame, subgroups
+    baseline = store["simulated"]["baseline"]
+    metadata = simulate_metadata(baseline[0].images)
+    female = (metadata["sex"] == "F").to_numpy()
+    # worse for F only; the same noise for every seed, so the arm's seeds spread like the baseline's
+    noise = np.random.default_rng(5).random((int(female.sum()), len(FINDINGS)))
+
+    def blurred_for_women(trial):
+        probs = trial.probs.copy()
+        probs[female] = 0.5 * probs[female] + 0.5 * noise
+        return TrialPredictions(trial.labels, probs, trial.thresholds, trial.images, trial.name + "-f")
+    arms = {"baseline": baseline, "twin": store["simulated"]["twin"],
+            "worse_for_women": [blurred_for_women(t) for t in baseline]}
+    section = gap_section(arms, "baseline", metadata, n_boot=200)
+    values = section.tables["subgroup_values.csv"]
+    rows = section.tables["subgroup_gaps.csv"].set_index(["arm", "attribute", "metric"])
+    planted = rows.loc[("worse_for_women", "sex", "mean_auc")]
+    assert planted["verdict"] == "widens" and planted["ci_low"] > 0 and planted["p_adjusted"] <= 0.05
+    assert not rows.loc["twin"]["verdict"].isin(["widens", "narrows"]).any()
+    assert set(rows.index.get_level_values("attribute")) == {"sex", "age", "view"}
+    # the bootstrap's point gaps equal fairlearn MetricFrame's per-group values (sklearn metrics)
+    groups = subgroups(metadata)
+    for attribute in ("sex", "age"):
+        kept = sorted(values.loc[values["attribute"] == attribute, "group"].unique())
+        gaps = [metric_frame(t, groups[attribute], kept) for t in baseline]
+        for metric in ("mean_auc", "underdiagnosis"):
+            expected = np.mean([g[metric].max() - g[metric].min() for g in gaps])
+            assert rows.loc[("twin", attribute, metric), "baseline_gap"] == pytest.approx(expected, abs=1e-9)
+    assert "age unknown" not in set(values["group"])            # 5 images: too few to be a group
+    assert "subgroup_gaps.png" in section.figures and any("WIDENS" in line for line in section.summary)

@@ -77,5 +77,34 @@ def test_arm_identical_to_baseline_is_never_called_different(report):
 
 def test_report_files_are_written(report):
     _, out = report
-    assert {"effects.csv", "forest_mean_auc.png", "heatmap_auc.png", "ablation_report.html"} <= \
+    assert {"effects.csv", "forest_mean_auc.png", "heatmap_auc.png", "ablation_report.html", "cost.csv",
+            "cost_vs_effect.png", "shortcut_baselines.csv", "subgroup_gaps.csv", "subgroup_gaps.png"} <= \
         {p.name for p in out.iterdir()}
+
+
+def test_metadata_alone_beats_the_image_model_on_the_age_finding_only(report):
+    """The baseline arm sees no metadata: on the age-only finding the metadata model wins and the finding is
+    flagged; on the findings drawn in the pixels the image model clearly beats it."""
+    _, out = report
+    shortcuts = pd.read_csv(out / "shortcut_baselines.csv").set_index("finding")
+    print(shortcuts.to_string())
+    age = shortcuts.loc[AGE_FINDING]
+    assert age["metadata_auc"] > 0.85 and age["metadata_auc"] > age["image_auc"] + 0.2
+    assert not age["clearly_beats_metadata"] and age["flag"] == "metadata alone does as well or better"
+    pixels = shortcuts.drop(index=AGE_FINDING)
+    assert (pixels["image_auc"] > pixels["metadata_auc"]).all()
+    assert pixels["clearly_beats_metadata"].sum() >= 0.75 * len(pixels)      # the rarest may lack the positives
+    # chance: the baseline's probabilities against shuffled labels sit near 0.5
+    assert ((pixels["shuffled_auc"] - 0.5).abs() < 0.05).all()
+    assert (pixels["shuffled_auc_95"] < pixels["image_auc"]).all()
+
+
+def test_child_runs_carry_the_cost_of_their_arm(report):
+    _, out = report
+    cost = pd.read_csv(out / "cost.csv").set_index("arm")
+    assert set(cost.index) == {"baseline", "baseline_copy", "age_sex"}
+    # the same backbone: the same FLOPs per image, bar the 3 demographic inputs of age_sex's linear head
+    assert cost.loc["baseline", "flops_per_image"] == cost.loc["baseline_copy", "flops_per_image"]
+    assert cost.loc["age_sex", "flops_per_image"] == cost.loc["baseline", "flops_per_image"] + 2 * 3 * 14
+    assert cost.loc["age_sex", "param_count"] == cost.loc["baseline", "param_count"] + 3 * 14
+    assert (cost["trial_device_hours"] > 0).all() and (cost["peak_rss_mb"] > 10).all()

@@ -16,6 +16,10 @@ from sklearn.metrics import f1_score, roc_auc_score
 from trainable.__main__ import main
 from trainable.data.synthetic import generate
 from trainable.findings import FINDINGS
+from trainable.config import TrialConfig
+from trainable.metric_names import (DEVICE_HOURS, FLOPS_PER_IMAGE, PARAM_COUNT, PEAK_GPU_MEMORY_MB, PEAK_RSS_MB,
+                                    TRAIN_FLOPS, WALL_SECONDS)
+from trainable.models import create_model
 from trainable.train import TIMING_METRICS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +78,45 @@ def test_reported_metrics_equal_sklearn_on_the_saved_probabilities(trial):
         assert last[f"val_auc_{finding}"] == pytest.approx(aucs[k], abs=1e-9)
         assert last[f"val_f1_{finding}"] == pytest.approx(f1s[k], abs=1e-9)
     assert last["val_auc_mean"] == pytest.approx(np.mean(aucs), abs=1e-9)
+
+
+def hooked_flops(model, image_size: int) -> int:
+    """FLOPs of one forward at batch 1 counted by hand: 2 per multiply-add of every convolution and linear layer."""
+    total = []
+
+    def conv(module, inputs, output):
+        kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        total.append(2 * output.numel() * kernel)
+
+    def linear(module, inputs, output):
+        total.append(2 * output.numel() * module.in_features)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(conv)
+        elif isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(linear)
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 1, image_size, image_size), torch.zeros(1, 0))
+    return sum(total)
+
+
+def test_trial_logs_what_it_costs_and_the_counts_equal_a_direct_computation(trial):
+    out, _ = trial
+    lines = read_metrics(out)
+    cfg = TrialConfig.from_dict(json.loads((out / "config.json").read_text()))
+    model = create_model(cfg)
+    assert lines[-1][PARAM_COUNT] == sum(t.numel() for t in dict(model.named_parameters()).values())
+    assert lines[-1][FLOPS_PER_IMAGE] == hooked_flops(model, cfg.image_size) > 0
+    train_images = int((pd.read_csv(out / "split.csv")["split"] == "train").sum())
+    for epoch, line in enumerate(lines, start=1):
+        assert line[TRAIN_FLOPS] == 3 * line[FLOPS_PER_IMAGE] * train_images * epoch
+        assert line[DEVICE_HOURS] == pytest.approx(line[WALL_SECONDS] / 3600)
+    assert lines[1][WALL_SECONDS] == pytest.approx(lines[0]["epoch_seconds"] + lines[1]["epoch_seconds"])
+    # on the CPU the peak is the process's resident set, named as such (never a GPU figure)
+    peak = PEAK_GPU_MEMORY_MB if torch.cuda.is_available() else PEAK_RSS_MB
+    assert 10 < lines[-1][peak] < 64 * 1024 and not {PEAK_GPU_MEMORY_MB, PEAK_RSS_MB} - {peak} & set(lines[-1])
 
 
 @pytest.mark.exact_resume

@@ -23,6 +23,7 @@ from .backends import compile_model, configure_backends
 from .checkpoint_files import PREDICTIONS_FILE, STATE_FILE, THRESHOLDS_FILE  # noqa: F401 - re-exported
 from .checkpointing import EpochReporter, Predictions, Report
 from .config import TrialConfig
+from .cost import TRAIN_FLOPS_PER_FORWARD, model_cost, peak_memory, reset_peak_memory
 from .data.augment import BatchAugment
 from .data.cache import open_cache, split_cache_key
 from .data.demographics import demographic_matrix
@@ -30,14 +31,12 @@ from .data.loader import OVERSAMPLERS, BatchLoader
 from .data.nih import PreparedData
 from .errors import ConfigError, TrialDiverged, UserError
 from .losses import LabelStats, create_loss
+from .metric_names import DEVICE_HOURS, FLOPS_PER_IMAGE, TIMING_METRICS, TRAIN_FLOPS, WALL_SECONDS  # noqa: F401
 from .metrics import epoch_metrics
 from .models import create_model, input_stats
 from .optim import create_optimizer, create_scheduler
 from .runtime import autocast, default_cache_dir, epoch_seeds, pick_device, seed_everything
 
-
-# Metrics that measure the machine, not the model: they differ between two runs of the same trial.
-TIMING_METRICS = ("train_images_per_s", "epoch_seconds")
 EVAL_BATCH_MIN = 256              # evaluation keeps no activations for backward: larger batches fit
 
 
@@ -96,6 +95,8 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
     model = create_model(cfg).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    cost = model_cost(model, cfg.image_size, train_split.demographics.shape[1], device)
+    reset_peak_memory(device)
     mean, std = input_stats(model)
     augment = BatchAugment(cfg, mean=mean, std=std).to(device)
     criterion = create_loss(cfg, LabelStats.from_labels(train_split.labels)).to(device)
@@ -131,11 +132,14 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
             epoch_seconds = time.perf_counter() - started          # training + validation: what plan_sweep costs
             scheduler.step(val_loss)
             progress.update(epoch, metrics["val_auc_mean"])
+            progress.wall_seconds += epoch_seconds
+            progress.images_trained += seen
             stop = progress.should_stop(cfg.early_stop_patience)
             # early_stopped=1 on the last report of a trial that ended itself (schedulers' stops are not marked)
             metrics = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                        "train_images_per_s": seen / (trained - started), "epoch_seconds": epoch_seconds,
-                       "early_stopped": float(stop and epoch < cfg.epochs), **metrics}
+                       "early_stopped": float(stop and epoch < cfg.epochs), **metrics,
+                       **_cost_so_far(cost, progress, device)}
             validated = time.perf_counter()
             reporter.submit(metrics, _checkpoint_state(model, optimizer, scheduler, criterion, progress, cfg),
                             Predictions(val_split.names, val_split.labels, probs, thresholds))
@@ -240,6 +244,13 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return padded.as_strided(padded.shape, tensor.stride()) if tensor.numel() == 0 else padded
 
 
+def _cost_so_far(cost: dict[str, float], progress: "TrialProgress", device: torch.device) -> dict[str, float]:
+    """The cost metrics (trainable.metric_names) of the trial up to this epoch, resumed epochs included."""
+    return {**cost, TRAIN_FLOPS: TRAIN_FLOPS_PER_FORWARD * cost[FLOPS_PER_IMAGE] * progress.images_trained,
+            WALL_SECONDS: progress.wall_seconds, DEVICE_HOURS: progress.wall_seconds / 3600,   # one device a trial
+            **peak_memory(device)}
+
+
 # --- progress and checkpoints -------------------------------------------------------------------
 
 @dataclass
@@ -248,6 +259,9 @@ class TrialProgress:
     best_auc: float = -math.inf
     best_epoch: int = 0
     epochs_without_gain: int = 0
+    # what the trial has spent so far (a checkpoint written before these existed resumes them from 0)
+    wall_seconds: float = 0.0
+    images_trained: int = 0
 
     def update(self, epoch: int, auc_mean: float) -> None:
         self.next_epoch = epoch + 1
