@@ -353,7 +353,7 @@ def analyse_look(resampled: Resampled, baseline: str, margin: float = DEFAULT_MA
             variance = delta_variance(model, arm, baseline, v_img)
             delta = point[arm].mean(axis=0) - point[baseline].mean(axis=0)
             se = np.sqrt(variance.total)
-            p_up, p_down, p_equivalence = _t_tests(delta, se, variance.df, margin)
+            p_up, p_down, p_equivalence = t_tests(delta, se, variance.df, margin)
             mine, theirs = model.arms[arm], model.arms[baseline]
             for f, finding in enumerate(names):
                 rows.append((arm, finding, metric, point[arm][:, f].mean(), point[baseline][:, f].mean(), delta[f],
@@ -363,7 +363,7 @@ def analyse_look(resampled: Resampled, baseline: str, margin: float = DEFAULT_MA
     return Look(pd.DataFrame(rows, columns=list(LOOK_COLUMNS)), models, image_variance)
 
 
-def _t_tests(delta: np.ndarray, se: np.ndarray, df: np.ndarray, margin: float
+def t_tests(delta: np.ndarray, se: np.ndarray, df: np.ndarray, margin: float
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with np.errstate(invalid="ignore", divide="ignore"):
         usable = np.isfinite(delta) & np.isfinite(se) & (se > 0)

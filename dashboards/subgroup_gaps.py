@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 from .effect_report import ReportSection
 from trainable.errors import DataError
 
-from .effects import (DEFAULT_ALPHA, DEFAULT_MARGIN, HELPS, HURTS, TrialPredictions, _t_tests, align_trials,
+from .effects import (DEFAULT_ALPHA, DEFAULT_MARGIN, HELPS, HURTS, TrialPredictions, t_tests, align_trials,
                       bootstrap_counts, decide_family, patient_groups, resampled_metrics)
 from .plots import verdict_colour
 from .shortcuts import ARTIFACT_FOLDER, VAL_METADATA_CSV
@@ -148,7 +148,7 @@ def gap_rows(arms: Mapping[str, Sequence[TrialPredictions]], baseline: str, meta
         variance = delta_variance(model, arm, baseline, v_img)
         delta = point[arm].mean(axis=0) - point[baseline].mean(axis=0)
         se = np.sqrt(variance.total)
-        p_up, p_down, p_equivalence = _t_tests(delta, se, variance.df, margin)
+        p_up, p_down, p_equivalence = t_tests(delta, se, variance.df, margin)
         for g, (attribute, metric) in enumerate(columns):
             rows.append({"arm": arm, "attribute": attribute, "metric": metric,
                          "arm_gap": point[arm][:, g].mean(), "baseline_gap": point[baseline][:, g].mean(),
