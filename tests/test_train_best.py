@@ -29,8 +29,9 @@ from sklearn.metrics import f1_score, roc_auc_score
 from dashboards.annotations import read_bboxes, read_google_labels
 from dashboards.gradcam import localization_scores
 from dashboards.published import load_published
-from sweeps.final import fit_final, member_specs
-from sweeps.final_cli import main
+from sweeps.final.fit import fit_final
+from sweeps.final.members import member_specs
+from sweeps.final.cli import main
 from sweeps.tracking import PARENT_RUN_TAG, SweepRun
 from trainable.config import TrialConfig
 from trainable.data.nih import DataSpec, prepare_dataset

@@ -16,7 +16,7 @@ from dashboards.sweep_reader import Sweep, TrialRun, open_sweep
 from trainable.config import TrialConfig
 from trainable.errors import ConfigError, UserError
 
-from .final import SELECTION_METRIC
+from .members import SELECTION_METRIC
 
 
 @dataclass(frozen=True)

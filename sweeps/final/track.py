@@ -26,7 +26,7 @@ from trainable.config import TrialConfig
 from trainable.deployed import DeployedClassifier
 from trainable.findings import FINDINGS
 
-from .tracking import PARENT_RUN_TAG, SweepRun
+from ..tracking import PARENT_RUN_TAG, SweepRun
 
 MODEL_NAME = "model"
 MODEL_INPUT = ("uint8 grayscale images (B, 1, S, S) decoded as trainable.data.cache.decode_image(path, S) does, "
