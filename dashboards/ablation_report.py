@@ -36,8 +36,9 @@ from dashboards import importance as imp  # noqa: E402
 from dashboards import plots  # noqa: E402
 from dashboards.effect_report import ReportContext, write_effect_report  # noqa: E402
 from dashboards.html_report import HtmlReport  # noqa: E402
+from dashboards.mlflow_store import connect  # noqa: E402
 from dashboards.predictions import read_predictions  # noqa: E402
-from dashboards.sweep_reader import (Sweep, ablation_trials, connect, default_tracking_uri,  # noqa: E402
+from dashboards.sweep_reader import (SweepResults, ablation_trials, default_tracking_uri,  # noqa: E402
                                      load_arm_predictions, open_sweep, sweep_rounds)
 
 
@@ -107,7 +108,7 @@ def analyse(predictions, args: argparse.Namespace, *, title: str, groups=None, t
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")     # one bar per downloaded file
     uri = default_tracking_uri(args.mlflow_uri)
-    client = connect(uri)
+    client = connect(uri, create=False)
     sweep = open_sweep(client, args.sweep, uri)
     out = Path(args.out) if args.out else Path("reports") / sweep.experiment_name
     out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 # --- ablation sweeps ----------------------------------------------------------------------------------------
 
-def ablation_report(client, sweep: Sweep, out: Path, args: argparse.Namespace) -> tuple[list[Path], str]:
+def ablation_report(client, sweep: SweepResults, out: Path, args: argparse.Namespace) -> tuple[list[Path], str]:
     trials = ablation_trials(sweep)
     if args.baseline not in trials:
         raise UserError(f"sweep {sweep.name}: no finished trial of the baseline arm {args.baseline!r} "
@@ -147,7 +148,7 @@ def ablation_report(client, sweep: Sweep, out: Path, args: argparse.Namespace) -
 
 # --- search sweeps ------------------------------------------------------------------------------------------
 
-def search_report(sweep: Sweep, out: Path) -> tuple[list[Path], str]:
+def search_report(sweep: SweepResults, out: Path) -> tuple[list[Path], str]:
     space = imp.searched_space(sweep)
     finished = imp.full_budget_trials(sweep)
     pruned = sum(t.pruned for t in sweep.trials)

@@ -22,9 +22,9 @@ from trainable.tune import ARM_KEY, TrialContext
 
 from ..failures import registry_name
 from ..mlflow_logger import STEP_KEY, MLflowTrialLogger, trial_metrics
-from ..naming import TrialDescriber, trial_run_name
 from ..record import SweepLocation
 from ..runner import build_tuner
+from ..trial_description import TrialDescriber, trial_run_name
 from .members import EpochCallback, MemberSpec, TrainedMember, read_checkpoint, select_epoch, train_member
 from .predict import FinalModel, blind_test_labels, final_model
 
