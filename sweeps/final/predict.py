@@ -38,7 +38,6 @@ def blind_test_labels(data: PreparedData) -> PreparedData:
     return dataclasses.replace(data, frame=frame)
 
 
-
 @dataclass
 class ValidationDecision:
     """Everything decided on validation: the ensemble's validation probabilities and the F1 thresholds."""
