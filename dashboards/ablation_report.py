@@ -41,8 +41,9 @@ from dashboards import importance as imp  # noqa: E402
 from dashboards import plots  # noqa: E402
 from dashboards.effect_report import ReportContext, write_effect_report  # noqa: E402
 from dashboards.html_report import HtmlReport  # noqa: E402
+from dashboards.mlflow_store import connect  # noqa: E402
 from dashboards.predictions import read_predictions  # noqa: E402
-from dashboards.sweep_reader import (Sweep, ablation_trials, connect, default_tracking_uri,  # noqa: E402
+from dashboards.sweep_reader import (SweepResults, ablation_trials, default_tracking_uri,  # noqa: E402
                                      load_arm_predictions, open_sweep, sweep_rounds)
 from dashboards.tables import text_table  # noqa: E402
 
@@ -113,7 +114,7 @@ def analyse(predictions, args: argparse.Namespace, *, title: str, groups=None, t
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")     # one bar per downloaded file
     uri = default_tracking_uri(args.mlflow_uri)
-    client = connect(uri)
+    client = connect(uri, create=False)
     sweep = open_sweep(client, args.sweep, uri)
     out = Path(args.out) if args.out else Path("reports") / sweep.experiment_name
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
 # --- ablation sweeps ----------------------------------------------------------------------------------------
 
-def ablation_report(client, sweep: Sweep, out: Path, args: argparse.Namespace) -> tuple[list[Path], str]:
+def ablation_report(client, sweep: SweepResults, out: Path, args: argparse.Namespace) -> tuple[list[Path], str]:
     trials = ablation_trials(sweep)
     if args.baseline not in trials:
         raise UserError(f"sweep {sweep.name}: no finished trial of the baseline arm {args.baseline!r} "
@@ -163,7 +164,7 @@ def ablation_report(client, sweep: Sweep, out: Path, args: argparse.Namespace) -
     return write_effect_report(analysis, ctx, out, sections)
 
 
-def download_parent_folder(client, sweep: Sweep, folder: str, target: Path) -> Path:
+def download_parent_folder(client, sweep: SweepResults, folder: str, target: Path) -> Path:
     """The parent run's artifact folder `folder`, downloaded into `target` (absent where the sweep logged none)."""
     if any(Path(a.path).name == folder for a in client.list_artifacts(sweep.parent_run_id)):
         client.download_artifacts(sweep.parent_run_id, folder, str(target))
@@ -172,7 +173,7 @@ def download_parent_folder(client, sweep: Sweep, folder: str, target: Path) -> P
 
 # --- search sweeps ------------------------------------------------------------------------------------------
 
-def search_report(sweep: Sweep, out: Path) -> tuple[list[Path], str]:
+def search_report(sweep: SweepResults, out: Path) -> tuple[list[Path], str]:
     space = imp.searched_space(sweep)
     finished = imp.full_budget_trials(sweep)
     pruned = sum(t.pruned for t in sweep.trials)

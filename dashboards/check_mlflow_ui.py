@@ -201,9 +201,10 @@ def per_finding_metrics(client, run_id: str) -> tuple[list[str], list[str]]:
 
 
 def check_ui(backend_store_uri: str, experiment: str, screenshot: Path, browser: str) -> list[Check]:
-    from dashboards.sweep_reader import connect, open_sweep
+    from dashboards.mlflow_store import connect
+    from dashboards.sweep_reader import open_sweep
 
-    client = connect(backend_store_uri)
+    client = connect(backend_store_uri, create=False)
     sweep = open_sweep(client, experiment, backend_store_uri)
     experiment_id = client.get_experiment_by_name(sweep.experiment_name).experiment_id
     children = sorted(trial.name for trial in sweep.trials)

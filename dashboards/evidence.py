@@ -17,7 +17,7 @@ from search_spaces import BASELINE_ARM
 
 from .commands import ABLATION_REPORT_SCRIPT, python_words, shell_join
 from .effects import MEAN
-from .sweep_reader import Sweep
+from .sweep_reader import SweepResults
 
 EVIDENCE_TAG = "selection_evidence"     # on the final run: the evidence behind each of its configs
 EFFECTS_CSV = "effects.csv"       # the ablation report's table, beside its page in `<kind>_report/`
@@ -25,7 +25,7 @@ SEARCH_BEST = "search best, not confirmed (one seed, one split; re-run it as an 
 CONFIG_FILE = "config file, not confirmed by an ablation report"
 
 
-def effect_table(client, sweep: Sweep) -> pd.DataFrame | None:
+def effect_table(client, sweep: SweepResults) -> pd.DataFrame | None:
     """The ablation report's effects of the sweep, or None when no report was logged on it."""
     page = sweep.parent_tags.get("ablation_report")
     if not page:
@@ -39,7 +39,7 @@ def effect_table(client, sweep: Sweep) -> pd.DataFrame | None:
         return pd.read_csv(Path(path))
 
 
-def config_evidence(client, sweep: Sweep, labels: list[str]) -> list[str]:
+def config_evidence(client, sweep: SweepResults, labels: list[str]) -> list[str]:
     """Per chosen config (its label: the arm of an ablation), the evidence behind it in one phrase."""
     if sweep.kind == "search":
         return [SEARCH_BEST for _ in labels]
@@ -47,7 +47,7 @@ def config_evidence(client, sweep: Sweep, labels: list[str]) -> list[str]:
     return [_arm_evidence(effects, sweep, label) for label in labels]
 
 
-def _arm_evidence(effects: pd.DataFrame | None, sweep: Sweep, label: str) -> str:
+def _arm_evidence(effects: pd.DataFrame | None, sweep: SweepResults, label: str) -> str:
     if label == BASELINE_ARM:
         return "the baseline arm (the reference every arm was compared with)"
     if effects is None:

@@ -1,6 +1,6 @@
 """The final model's test evaluation and its files: the one place that reads test labels.
 
-Everything it is given was decided before (members, selected epochs, thresholds: sweeps/final.py, on validation
+Everything it is given was decided before (members, selected epochs, thresholds: sweeps/final/, on validation
 only). It writes into the output folder, each file atomically: test_metrics.csv, members.csv,
 comparison.csv + comparison.md, roc_curves.png, gradcam/<Finding>.png, localization.csv (with NIH's boxes),
 google2019_auc.csv (with Google's 2019 expert labels), val_/test_predictions.npz and report.md (last).

@@ -35,7 +35,7 @@ from trainable.findings import FINDINGS
 
 from .commands import data_option_words, python_words, shell_join
 from .effects import MEAN
-from .sweep_reader import Sweep, TrialRun, parent_param
+from .sweep_reader import SweepResults, TrialRun, parent_param
 
 OBJECTIVE = "val_auc_mean"
 MIN_TRIALS = 3            # fewer finished trials than this cannot rank anything
@@ -48,12 +48,12 @@ RERUN_SEEDS = 3
 CARRIED_OPTIONS = ("address", "storage", "mlflow_uri", "gpus_per_trial", "cpus_per_trial", "max_concurrent")
 
 
-def fixed_keys(sweep: Sweep) -> list[str]:
+def fixed_keys(sweep: SweepResults) -> list[str]:
     """Config keys the search fixed with --set (the parent run's `set` param is the printed list)."""
     return [item.split("=", 1)[0] for item in _set_items(sweep)]
 
 
-def _set_items(sweep: Sweep) -> list[str]:
+def _set_items(sweep: SweepResults) -> list[str]:
     raw = parent_param(sweep, "set", "[]")
     try:
         items = ast.literal_eval(raw)
@@ -62,7 +62,7 @@ def _set_items(sweep: Sweep) -> list[str]:
     return [str(item) for item in items] if isinstance(items, list) else []
 
 
-def searched_space(sweep: Sweep) -> SearchSpace:
+def searched_space(sweep: SweepResults) -> SearchSpace:
     """The search's space as the sweep ran it: its --space-file (relative to the repo root) minus --set keys."""
     space_file = Path(parent_param(sweep, "space_file", str(OPTUNA_SPACE_FILE)))
     if not space_file.is_file():
@@ -89,7 +89,7 @@ def active_params(trial: TrialRun, space: SearchSpace) -> dict[str, Any]:
     return chosen
 
 
-def full_budget_trials(sweep: Sweep) -> list[TrialRun]:
+def full_budget_trials(sweep: SweepResults) -> list[TrialRun]:
     return [t for t in sweep.trials if t.full_budget and np.isfinite(t.metrics.get(OBJECTIVE, np.nan))]
 
 
@@ -220,7 +220,7 @@ def write_rerun_arms(arms: Mapping[str, Mapping[str, Any]], top: Sequence[TrialR
     return path
 
 
-def rerun_command(sweep: Sweep, arms_file: Path, arm_names: Sequence[str], seeds: int = RERUN_SEEDS) -> str:
+def rerun_command(sweep: SweepResults, arms_file: Path, arm_names: Sequence[str], seeds: int = RERUN_SEEDS) -> str:
     """The ablation that re-runs the top configurations against the baseline at the search's full budget, on the
     search's data split (its recorded data options), as a command that runs as pasted."""
     words = [*python_words("sweeps/run_ablation.py"), "--arms-file", arms_file, "--arms", ",".join(arm_names),

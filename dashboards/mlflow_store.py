@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from filelock import FileLock, Timeout
 from mlflow import MlflowClient
+from mlflow.entities import RunStatus
 
 from trainable.errors import ConfigError
 
@@ -32,6 +33,12 @@ USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWO
 CREDENTIAL_ENVS = (USERNAME_ENV, PASSWORD_ENV, "MLFLOW_TRACKING_TOKEN")
 PARENT_RUN_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
+# What wrote a parent run: a sweep (ablation or search; tag `kind` says which) or a final training. Readers that list
+# sweeps skip final runs by it; a parent run without the tag (written before it existed) counts as a sweep.
+RUN_TYPE_TAG = "run_type"
+SWEEP_RUN, FINAL_RUN = "sweep", "final"
+RUNNING, FINISHED, FAILED, KILLED = (RunStatus.to_string(s) for s in
+                                     (RunStatus.RUNNING, RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED))
 
 _USERINFO = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
 _SECRET_QUERY = re.compile(
@@ -106,13 +113,15 @@ def _quick_failure() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def connect(uri: str) -> MlflowClient:
+def connect(uri: str, *, create: bool = True) -> MlflowClient:
     """A client for the store, after checking that it answers; an embedded SQLite store is created (schema
     migrations included) by one process at a time, so two drivers starting on a fresh --out cannot leave it
-    half-migrated."""
+    half-migrated. Readers pass create=False: a missing SQLite file is then an error, not a new empty store."""
     if not is_embedded(uri):
         return _open_store(uri)
     db = Path(uri.removeprefix("sqlite:///"))
+    if not create and not db.is_file():
+        raise ConfigError(f"--mlflow-uri {uri}: no such SQLite file")
     db.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
     try:

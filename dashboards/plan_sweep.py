@@ -29,8 +29,9 @@ from trainable.errors import UserError  # noqa: E402
 
 from dashboards import effects as fx  # noqa: E402
 from dashboards.power import MAX_SEEDS, seeds_needed  # noqa: E402
+from dashboards.mlflow_store import connect  # noqa: E402
 from dashboards.predictions import read_predictions  # noqa: E402
-from dashboards.sweep_reader import (ablation_trials, connect, default_tracking_uri, load_arm_predictions,  # noqa: E402
+from dashboards.sweep_reader import (ablation_trials, default_tracking_uri, load_arm_predictions,  # noqa: E402
                                      open_sweep, parent_param)
 from dashboards.tables import text_table  # noqa: E402
 
@@ -76,7 +77,7 @@ def plan(args: argparse.Namespace) -> str:
         source = f"pilot predictions in {args.predictions}"
     else:
         uri = default_tracking_uri(args.mlflow_uri)
-        client = connect(uri)
+        client = connect(uri, create=False)
         sweep = open_sweep(client, args.from_sweep, uri)
         trials = ablation_trials(sweep)
         if args.baseline not in trials:

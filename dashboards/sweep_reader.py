@@ -1,7 +1,8 @@
 """Read a sweep back from MLflow: its parent run, its trials (child runs) and their saved validation predictions.
 
 The layout is the one sweeps/ writes (sweeps/tracking.py, sweeps/mlflow_logger.py): experiment = sweep name, one
-parent run (tag `kind` = ablation | search, params = the sweep's CLI arguments), one child run per trial (tag
+parent run (tags `run_type` = sweep, `kind` = ablation | search; params = the sweep's CLI arguments; a final
+training's parent run, run_type = final, is not a sweep and is skipped), one child run per trial (tag
 `mlflow.parentRunId`; tags `arm`, `factor`, `seed`, `pruned`; params = the flat TrialConfig; the final epoch's
 `val_predictions.npz` and `thresholds.json` as artifacts at the run's artifact root).
 """
@@ -21,12 +22,10 @@ from trainable.checkpoint_files import PREDICTIONS_FILE, THRESHOLDS_FILE
 from trainable.errors import DataError, UserError
 
 from .effects import SeedRounds, TrialPredictions
-from .mlflow_store import DB_FILE, PARENT_RUN_TAG, resolve_tracking_uri
-from .mlflow_store import connect as connect_and_check
+from .mlflow_store import DB_FILE, FINAL_RUN, FINISHED, PARENT_RUN_TAG, RUN_TYPE_TAG, resolve_tracking_uri
 
 DEFAULT_STORE = Path("runs") / DB_FILE     # where the sweeps put the embedded store with their default --out
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-FINISHED = "FINISHED"
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,8 @@ class TrialRun:
 
 
 @dataclass
-class Sweep:
+class SweepResults:
+    """A finished or running sweep as MLflow holds it: its parent run's tags and params, and its trials' runs."""
     tracking_uri: str
     experiment_name: str
     parent_run_id: str
@@ -86,14 +86,7 @@ def default_tracking_uri(cli_uri: str | None) -> str:
     return resolve_tracking_uri(cli_uri, DEFAULT_STORE.parent)
 
 
-def connect(uri: str):
-    """An MlflowClient for the store; a missing SQLite file is an error here, not a new empty store."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"--mlflow-uri {uri}: no such SQLite file")
-    return connect_and_check(uri)
-
-
-def open_sweep(client, sweep: str, tracking_uri: str = "") -> Sweep:
+def open_sweep(client, sweep: str, tracking_uri: str = "") -> SweepResults:
     """The sweep named by a parent run id or an experiment name (its latest parent run)."""
     parent, notes = _parent_run(client, sweep)
     experiment = client.get_experiment(parent.info.experiment_id)
@@ -104,10 +97,10 @@ def open_sweep(client, sweep: str, tracking_uri: str = "") -> Sweep:
                        metrics=dict(run.data.metrics), start_time=run.info.start_time or 0,
                        end_time=run.info.end_time or 0)
               for run in children]
-    return Sweep(tracking_uri=tracking_uri,
-                 experiment_name=experiment.name, parent_run_id=parent.info.run_id,
-                 parent_tags=dict(parent.data.tags), parent_params=dict(parent.data.params),
-                 trials=sorted(trials, key=lambda t: t.name), notes=notes)
+    return SweepResults(tracking_uri=tracking_uri,
+                        experiment_name=experiment.name, parent_run_id=parent.info.run_id,
+                        parent_tags=dict(parent.data.tags), parent_params=dict(parent.data.params),
+                        trials=sorted(trials, key=lambda t: t.name), notes=notes)
 
 
 def _parent_run(client, sweep: str) -> tuple[Any, list[str]]:
@@ -120,6 +113,9 @@ def _parent_run(client, sweep: str) -> tuple[Any, list[str]]:
             if PARENT_RUN_TAG in run.data.tags:
                 raise UserError(f"--sweep {sweep}: that is a trial's run; pass its sweep's parent run "
                                 f"{run.data.tags[PARENT_RUN_TAG]} (or the experiment name)")
+            if is_final_run(run):
+                raise UserError(f"--sweep {sweep}: that is a final training's run ({RUN_TYPE_TAG}={FINAL_RUN}), "
+                                f"not a sweep; pass a sweep's parent run id or experiment name")
             return run, []
     experiment = client.get_experiment_by_name(sweep)
     if experiment is None:
@@ -127,12 +123,20 @@ def _parent_run(client, sweep: str) -> tuple[Any, list[str]]:
         raise UserError(f"--sweep {sweep!r}: no parent run id or experiment of that name in the MLflow store "
                         f"(experiments: {', '.join(known) or 'none'})")
     runs = client.search_runs([experiment.experiment_id], max_results=50000, order_by=["attributes.start_time DESC"])
-    parents = [run for run in runs if PARENT_RUN_TAG not in run.data.tags]
+    parents = [run for run in runs if PARENT_RUN_TAG not in run.data.tags and not is_final_run(run)]
     if not parents:
-        raise UserError(f"--sweep {sweep!r}: experiment has no parent run (not written by sweeps/?)")
+        finals = sum(PARENT_RUN_TAG not in run.data.tags and is_final_run(run) for run in runs)
+        why = f"only final training runs ({finals}, {RUN_TYPE_TAG}={FINAL_RUN})" if finals else \
+            "no parent run (not written by sweeps/?)"
+        raise UserError(f"--sweep {sweep!r}: experiment has {why}; pass a sweep's parent run id or experiment name")
     notes = [f"experiment {sweep} holds {len(parents)} sweeps (parent runs); the latest, {parents[0].info.run_id}, "
              f"is reported; pass another parent run id to --sweep to choose"] if len(parents) > 1 else []
     return parents[0], notes
+
+
+def is_final_run(run) -> bool:
+    """A final training's parent run (run_type=final): in an experiment, beside sweeps, but not one of them."""
+    return run.data.tags.get(RUN_TYPE_TAG) == FINAL_RUN
 
 
 def load_trial_predictions(client, trial: TrialRun, folder: str | Path) -> TrialPredictions:
@@ -164,7 +168,7 @@ def read_trial_predictions(npz: str | Path, thresholds_path: str | Path, name: s
     return TrialPredictions(labels=labels, probs=probs, thresholds=thresholds, images=images, name=name)
 
 
-def ablation_trials(sweep: Sweep) -> dict[str, list[TrialRun]]:
+def ablation_trials(sweep: SweepResults) -> dict[str, list[TrialRun]]:
     """{arm: its full-budget trials, one per seed}; what is left out (failed, interrupted, repeats) goes to notes."""
     arms: dict[str, dict[int, TrialRun]] = {}
     for trial in sorted(sweep.trials, key=lambda t: t.start_time):
@@ -188,12 +192,12 @@ def load_arm_predictions(client, arms: Mapping[str, list[TrialRun]], folder: str
         return {arm: [load_trial_predictions(client, trial, where) for trial in trials] for arm, trials in arms.items()}
 
 
-def parent_param(sweep: Sweep, key: str, default: Any = None) -> Any:
+def parent_param(sweep: SweepResults, key: str, default: Any = None) -> Any:
     value = sweep.parent_params.get(key)
     return default if value in (None, "None", "") else value
 
 
-def sweep_rounds(sweep: Sweep) -> tuple[SeedRounds | None, float | None]:
+def sweep_rounds(sweep: SweepResults) -> tuple[SeedRounds | None, float | None]:
     """The seed rounds of a sweep run with --until-decided (None for a fixed one) and its --margin, from the
     parent run's params (the sweep's CLI arguments)."""
     margin = parent_param(sweep, "margin")

@@ -16,9 +16,9 @@ from trainable.tune import ARM_KEY, TrialContext
 from .adaptive import ROUNDS_FILE, AdaptiveSeeds, checkpoint_predictions, replay, rounds_record
 from .cluster import check_weight_files
 from .demo import ABLATION_DEMO
-from .naming import TrialDescriber
 from .record import SweepLocation
 from .report import SweepReport, fmt, fmt_mean_sd, format_table, mean_sd, outcomes
+from .trial_description import TrialDescriber
 
 DESCRIPTION = """Ablation: every arm of search_spaces/arms.yaml (or --arms) x --seeds seeds as Ray Tune trials, each
 with the same --epochs budget, logged to MLflow (one parent run, one child run per trial).

@@ -31,8 +31,8 @@ from trainable.checkpoint_files import PREDICTIONS_FILE, THRESHOLDS_FILE
 from trainable.errors import UserError
 from trainable.tune import ARM_KEY
 
-from .naming import trial_run_name
 from .record import SweepLocation
+from .trial_description import trial_run_name
 
 ROUNDS_FILE = "seed_rounds.json"
 CHECKPOINT_DIR_KEY = "checkpoint_dir_name"      # in every result that came with a checkpoint

@@ -30,26 +30,23 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from ray.train.constants import _get_ray_train_session_dir
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS, DONE, TRAINING_ITERATION
 
+from dashboards.mlflow_store import FAILED, FINISHED, KILLED, PARENT_RUN_TAG, RUNNING
 from trainable.checkpoint_files import PREDICTIONS_FILE, THRESHOLDS_FILE
 from trainable.tune import WHERE_KEY
 
-from .naming import TrialDescriber, trial_run_name
-from .tracking import PARENT_RUN_TAG
+from .trial_description import TrialDescriber, trial_run_name
 from .tune_state import StateDigests
 
 STEP_KEY = "epoch"
 PROBE_METRIC = "val_auc_mean"           # its history tells which epochs a run already has
 NOT_METRICS = {*AUTO_RESULT_KEYS, DONE, STEP_KEY, "trial_id", "experiment_tag", "should_checkpoint"}
 MAX_ERROR_TAG_CHARS = 500
-
-RUNNING, FINISHED, FAILED, KILLED = (RunStatus.to_string(s) for s in
-                                     (RunStatus.RUNNING, RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED))
 
 
 def trial_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -24,15 +24,17 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.tune import CLIReporter, ExperimentAnalysis
 
-from dashboards.commands import ABLATION_REPORT_SCRIPT, python_words, shell_join
+from dashboards.commands import ABLATION_REPORT_SCRIPT, REPO_ROOT, python_words, shell_join
 from dashboards.shortcuts import ARTIFACT_FOLDER as SHORTCUT_FOLDER
 from dashboards.shortcuts import write_shortcut_inputs
+from dashboards.mlflow_store import (FAILED, FINISHED, KILLED, artifact_location, connect, credentials_hidden,
+                                     mask_secrets, resolve_tracking_uri)
 from search_spaces import OPTUNA_SPACE_FILE
 from trainable.data.options import data_spec
 from trainable.config import TrialConfig, parse_overrides
 from trainable.data.cache import check_cache_space, check_png_files
 from trainable.data.nih import PreparedData, prepare_dataset
-from trainable.errors import ConfigError, UserError, out_of_space
+from trainable.errors import ConfigError, exit_code_of
 from trainable.runtime import default_cache_dir
 from trainable.tune import ARM_KEY, TrialContext, resolve_config, run_trial
 
@@ -42,17 +44,15 @@ from .checkpoint_retention import SMALL_BOOKKEEPING_ENV, CheckpointRetention, ke
 from .cluster import check_resources, check_shared_storage, start_ray
 from .demo import demo_data
 from .failures import NoRetryForDeterministic, bad_input_reason, is_bad_input, registry_name, start_registry
-from .mlflow_logger import FAILED, FINISHED, KILLED, MLflowTrialLogger
-from .naming import TrialDescriber, tune_trial_dirname, tune_trial_name
+from .mlflow_logger import MLflowTrialLogger
 from .options import EXECUTION_OPTIONS, LATEST, apply_defaults, build_parser
 from .record import (RECORD_FILE, TUNER_FILE, SweepLocation, SweepRecord, check_name, default_name, latest_sweep,
                      storage_root, sweep_lock)
 from .report import METRIC, MODE, SweepReport, unfinished_trials
-from .tracking import (SweepRun, artifact_location, connect, credentials_hidden, git_commit, mask_secrets,
-                       recorded_parent_run, resolve_tracking_uri, ui_command)
+from .tracking import SweepRun, git_commit, recorded_parent_run, ui_command
+from .trial_description import TrialDescriber, tune_trial_dirname, tune_trial_name
 from .tune_state import RECENT, check_restorable, check_unchanged, record_written
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_METRICS = {"epoch": "epoch", "val_loss": "val loss", METRIC: "AUC", "val_f1_mean": "F1"}
 PROGRESS_EVERY_S = 30
 SAVE_PERIOD_ENV = "TUNE_GLOBAL_CHECKPOINT_S"   # how often Tune saves the experiment's state (default: 10 s or more)
@@ -79,8 +79,8 @@ class SweepKind(Protocol):
 
 
 @dataclass
-class Sweep:
-    """One sweep being run: its arguments, plan, folder, MLflow store and data."""
+class PreparedSweep:
+    """One sweep ready to run, as prepare() checked and built it: its arguments, plan, folder, MLflow store and data."""
     args: argparse.Namespace
     plan: SweepKind
     location: SweepLocation
@@ -98,27 +98,21 @@ def main(kind: type, argv: list[str] | None = None) -> int:
     parser = build_parser(f"python sweeps/run_{kind.kind}.py", kind.description)
     kind.add_arguments(parser)
     args = apply_defaults(parser, sys.argv[1:] if argv is None else argv, kind.demo_defaults)
-    try:
+
+    def body() -> int:
         if args.list:
             print(describe(getattr(args, "arms_file", None), getattr(args, "space_file", None) or OPTUNA_SPACE_FILE))
             return 0
         with contextlib.ExitStack() as held:     # the sweep's lock, for as long as this driver runs it
             return run(prepare(kind, args, parser, held))
-    except OSError as err:
-        full = out_of_space(err, f"--out {args.out}" + (f" / --storage {args.storage}" if args.storage else ""))
-        if full is None:
-            raise
-        print(f"error: {full}", file=sys.stderr)
-        return 2
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+    return exit_code_of(body, lambda: f"--out {args.out}" + (f" / --storage {args.storage}" if args.storage else ""))
 
 
 # --- before Ray -----------------------------------------------------------------------------------------------
 
 def prepare(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParser,
-            held: contextlib.ExitStack) -> Sweep:
+            held: contextlib.ExitStack) -> PreparedSweep:
     """Every check that needs no cluster, then the data split (written into OUT/<name>/)."""
     out = Path(args.out)
     location, record = _locate(kind.kind, args, storage_root(args.storage, out), out, held)
@@ -151,7 +145,7 @@ def prepare(kind: type, args: argparse.Namespace, parser: argparse.ArgumentParse
         raise ConfigError(f"--resume {location.name}: the data changed since the sweep started (fingerprint "
                           f"{data.fingerprint}, recorded {record.data.get('fingerprint')})")
     _check_cache_space(plan.context(data, args.cache_dir))
-    return Sweep(args=args, plan=plan, location=location, record=record, uri=uri, client=client, data=data)
+    return PreparedSweep(args=args, plan=plan, location=location, record=record, uri=uri, client=client, data=data)
 
 
 def _locate(kind: str, args: argparse.Namespace, storage: str, out: Path, held: contextlib.ExitStack
@@ -234,7 +228,7 @@ def absolute_local_paths(overrides: dict[str, Any]) -> dict[str, Any]:
 
 # --- on the cluster -----------------------------------------------------------------------------------------------
 
-def run(sweep: Sweep) -> int:
+def run(sweep: PreparedSweep) -> int:
     for note in sweep.plan.notes:
         print(note)
     sizes = {name: size["images"] for name, size in sweep.data.split_sizes().items()}
@@ -269,7 +263,7 @@ def cluster_session(args: argparse.Namespace, location: SweepLocation, context: 
         ray.shutdown()
 
 
-def _start_parent(sweep: Sweep) -> SweepRun:
+def _start_parent(sweep: PreparedSweep) -> SweepRun:
     """The parent run (arguments, data fingerprint, split sizes, git commit), then sweep.json pointing at it."""
     args, data, location = sweep.args, sweep.data, sweep.location
     commit = git_commit(REPO_ROOT)
@@ -293,7 +287,7 @@ def _start_parent(sweep: Sweep) -> SweepRun:
     return parent
 
 
-def _log_shortcut_inputs(sweep: Sweep, parent: SweepRun) -> None:
+def _log_shortcut_inputs(sweep: PreparedSweep, parent: SweepRun) -> None:
     """Once per ablation, on its split, before any trial: the metadata-only model's validation predictions and
     the validation metadata the report's shortcut baselines and subgroup gaps read (dashboards/shortcuts.py)."""
     with tempfile.TemporaryDirectory(prefix="shortcut-baselines-") as folder:
@@ -301,12 +295,12 @@ def _log_shortcut_inputs(sweep: Sweep, parent: SweepRun) -> None:
             sweep.client.log_artifact(parent.parent_run_id, str(path), artifact_path=SHORTCUT_FOLDER)
 
 
-def _reopen_parent(sweep: Sweep) -> SweepRun:
+def _reopen_parent(sweep: PreparedSweep) -> SweepRun:
     return SweepRun.reopen(sweep.client, sweep.location.name, sweep.record.mlflow["experiment_id"],
                            sweep.record.mlflow["parent_run_id"], sweep.uri)
 
 
-def _tuner(sweep: Sweep, parent: SweepRun, context: TrialContext, describer: TrialDescriber) -> tune.Tuner:
+def _tuner(sweep: PreparedSweep, parent: SweepRun, context: TrialContext, describer: TrialDescriber) -> tune.Tuner:
     logger = MLflowTrialLogger(experiment_id=parent.experiment_id, parent_run_id=parent.parent_run_id,
                                describer=describer)
     return build_tuner(sweep.args, sweep.location, context, logger, sweep.client, resumed=sweep.resumed,
@@ -364,7 +358,7 @@ class SweepProgress(CLIReporter):
         super()._print("\n".join(line for line in msg.splitlines() if not line.startswith("Result logdir:")))
 
 
-def _fit(sweep: Sweep, parent: SweepRun) -> int:
+def _fit(sweep: PreparedSweep, parent: SweepRun) -> int:
     context = dataclasses.replace(sweep.plan.context(sweep.data, sweep.args.cache_dir),
                                   failure_registry=registry_name(sweep.location.name))
     describer = sweep.plan.describer(context)
@@ -411,7 +405,7 @@ def exit_code(results: tune.ResultGrid, unfinished: list[str]) -> int:
     return 1 if unfinished or results.num_errors else 0
 
 
-def _report(sweep: Sweep, parent: SweepRun, results: tune.ResultGrid, describer: TrialDescriber) -> None:
+def _report(sweep: PreparedSweep, parent: SweepRun, results: tune.ResultGrid, describer: TrialDescriber) -> None:
     synthetic = " — SYNTHETIC data (generated, not NIH)" if sweep.data.synthetic else ""
     title = f"{sweep.plan.kind} {sweep.location.name!r}{synthetic} — data {sweep.data.fingerprint}"
     report_command = shell_join([*python_words(ABLATION_REPORT_SCRIPT), "--sweep", sweep.location.name,
@@ -426,7 +420,7 @@ def _report(sweep: Sweep, parent: SweepRun, results: tune.ResultGrid, describer:
     parent.end(FINISHED)
 
 
-def _interrupted(sweep: Sweep, parent: SweepRun, unfinished: list[str]) -> None:
+def _interrupted(sweep: PreparedSweep, parent: SweepRun, unfinished: list[str]) -> None:
     # A table over partly trained trials would mislead; the resumed sweep prints the complete one.
     parent.set_tags({"interrupted": "true"})
     parent.end(KILLED)

@@ -22,9 +22,9 @@ from trainable.tune import TrialContext
 
 from .cluster import check_weight_files
 from .demo import SEARCH_DEMO
-from .naming import TrialDescriber, trial_run_name
 from .record import SweepLocation
 from .report import METRIC, MODE, SweepReport, TrialOutcome, fmt, format_table, outcomes
+from .trial_description import TrialDescriber, trial_run_name
 
 DESCRIPTION = """Search: Optuna TPE over search_spaces/optuna_space.yaml with an ASHA scheduler, --num-samples trials,
 maximising val_auc_mean; the best full-budget config is written to best_config.json and tagged on the parent run.

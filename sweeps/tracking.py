@@ -1,5 +1,7 @@
-"""The writing side of a sweep's MLflow: its experiment and parent run (which store, and whether it answers, is
-dashboards.mlflow_store, shared with the reports)."""
+"""The writing side of our MLflow runs: experiments and parent runs, a sweep's (`SweepRun`) and the helpers final
+training's run (sweeps/final/track.py: `FinalRun`) shares with it. Which store, and whether it answers, is
+dashboards.mlflow_store, shared with the reports; so are the tag names, `run_type` among them.
+"""
 from __future__ import annotations
 
 import subprocess
@@ -7,12 +9,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mlflow import MlflowClient
-from mlflow.entities import Param, Run, RunStatus, RunTag, ViewType
+from mlflow.entities import Param, Run, RunTag, ViewType
 
 from dashboards.commands import mlflow_ui_words, shell_join
-from dashboards.mlflow_store import (  # noqa: F401 - the sweeps' names for the store they write
-    ARTIFACTS_DIR, DB_FILE, PARENT_RUN_TAG, RUN_NAME_TAG, artifact_location, connect, credentials_hidden,
-    is_embedded, mask_secrets, resolve_tracking_uri)
+from dashboards.mlflow_store import RUN_TYPE_TAG, RUNNING, SWEEP_RUN, is_embedded, mask_secrets
 from trainable.errors import ConfigError
 
 # MLflow caps a param value at 6000 characters; longer ones (e.g. a long --arms list) are cut with a marker.
@@ -43,8 +43,37 @@ def _param(key: str, value: Any) -> Param:
     return Param(key, text if len(text) <= MAX_PARAM_CHARS else text[:MAX_PARAM_CHARS - 12] + "…[truncated]")
 
 
+def experiment_id_for(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    """The experiment named `name`: created (artifacts under `artifact_root`), restored from the trash, or as is."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_root)
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def create_parent_run(client: MlflowClient, experiment_id: str, run_name: str, run_type: str, *,
+                      params: Mapping[str, Any], tags: Mapping[str, Any]) -> str:
+    """A new parent run tagged `run_type` (its params cut to MLflow's limits, secrets masked); returns its id."""
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={**{k: str(v) for k, v in tags.items()}, RUN_TYPE_TAG: run_type})
+    client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
+    return run.info.run_id
+
+
+def reopen_parent_run(client: MlflowClient, name: str, experiment_id: str, parent_run_id: str, uri: str,
+                      experiment: str | None = None) -> None:
+    """The parent run of a run being resumed (checked as recorded_parent_run does), RUNNING again; its `resumes`
+    tag counts the resumptions."""
+    run = recorded_parent_run(client, name, experiment_id, parent_run_id, uri, experiment)
+    resumes = int(run.data.tags.get("resumes", "0")) + 1
+    client.update_run(parent_run_id, status=RUNNING)
+    client.set_tag(parent_run_id, "resumes", str(resumes))
+
+
 class SweepRun:
-    """The sweep's MLflow experiment (named after the sweep) and its parent run."""
+    """The sweep's MLflow experiment (named after the sweep) and its parent run (run_type=sweep)."""
 
     def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str):
         self.client = client
@@ -54,22 +83,18 @@ class SweepRun:
     @classmethod
     def start(cls, client: MlflowClient, name: str, *, artifact_root: str | None, params: Mapping[str, Any],
               tags: Mapping[str, Any], replace: bool = False) -> "SweepRun":
-        experiment_id = _experiment(client, name, artifact_root)
+        experiment_id = experiment_id_for(client, name, artifact_root)
         if replace:  # --overwrite: the earlier sweep's runs go to MLflow's trash, not into this sweep's view
             for run in client.search_runs([experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=50000):
                 client.delete_run(run.info.run_id)
-        run = client.create_run(experiment_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
-        client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
-        return cls(client, experiment_id, run.info.run_id)
+        return cls(client, experiment_id, create_parent_run(client, experiment_id, name, SWEEP_RUN, params=params,
+                                                            tags=tags))
 
     @classmethod
-    def reopen(cls, client: MlflowClient, name: str, experiment_id: str, parent_run_id: str,
-               uri: str, experiment: str | None = None) -> "SweepRun":
-        """The parent run of a sweep being resumed, RUNNING again (`experiment`: as in recorded_parent_run)."""
-        run = recorded_parent_run(client, name, experiment_id, parent_run_id, uri, experiment)
-        resumes = int(run.data.tags.get("resumes", "0")) + 1
-        client.update_run(parent_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        client.set_tag(parent_run_id, "resumes", str(resumes))
+    def reopen(cls, client: MlflowClient, name: str, experiment_id: str, parent_run_id: str, uri: str
+               ) -> "SweepRun":
+        """The parent run of a sweep being resumed, RUNNING again."""
+        reopen_parent_run(client, name, experiment_id, parent_run_id, uri)
         return cls(client, experiment_id, parent_run_id)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -95,12 +120,3 @@ def recorded_parent_run(client: MlflowClient, name: str, experiment_id: str, par
         raise ConfigError(f"--resume {name}: its parent run {parent_run_id} is not in the MLflow store "
                           f"{mask_secrets(uri)}; resume with the --mlflow-uri the sweep started with")
     return run
-
-
-def _experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_root)
-    if experiment.lifecycle_stage == "deleted":
-        client.restore_experiment(experiment.experiment_id)
-    return experiment.experiment_id

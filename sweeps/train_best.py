@@ -7,7 +7,7 @@ from pathlib import Path
 HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
 sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != HERE)]
 
-from sweeps.final_cli import main  # noqa: E402
+from sweeps.final.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,7 +33,7 @@ def descendants(root: int) -> list[int]:
 def trial_workers(root: int, trial_name: str) -> list[int]:
     """Ray worker processes below `root` running the function trainable of trial `trial_name`.
 
-    Tune makes the trial's own working folder (named by sweeps.naming.tune_trial_dirname: `<arm>-s<seed>_<trial
+    Tune makes the trial's own working folder (named by sweeps.trial_description.tune_trial_dirname: `<arm>-s<seed>_<trial
     id>`) the worker's current directory."""
     pids = []
     for pid in descendants(root):

@@ -19,11 +19,13 @@ from mlflow.entities import Metric, Param
 from dashboards import ablation_report, plan_sweep
 from dashboards.effects import HELPS, HURTS, MEAN, NOT_ESTIMABLE, PRIMARY, SECONDARY
 from dashboards.evidence import config_evidence
+from dashboards.mlflow_store import PARENT_RUN_TAG
 from dashboards.simulate import simulate_metadata, simulate_sweep
 from dashboards.sweep_reader import PREDICTIONS_FILE, THRESHOLDS_FILE, open_sweep
 from search_spaces import OPTUNA_SPACE_FILE, load_arms, load_optuna_space
-from sweeps.tracking import PARENT_RUN_TAG, SweepRun
+from sweeps.tracking import SweepRun
 from trainable.config import TrialConfig
+from trainable.errors import UserError
 from trainable.findings import FINDINGS
 from trainable.metric_names import DEVICE_HOURS, FLOPS_PER_IMAGE, PARAM_COUNT, PEAK_RSS_MB, TRAIN_FLOPS
 
@@ -279,9 +281,9 @@ def test_plan_sweep_prints_seeds_trials_and_compute_from_the_pilot(store, capsys
 
 
 def test_sweep_found_by_parent_run_id_and_bad_input_is_one_line(store, tmp_path, capsys):
-    from dashboards.sweep_reader import connect, open_sweep
+    from dashboards.mlflow_store import connect
     parent = store["ablation"].parent_run_id
-    sweep = open_sweep(connect(store["uri"]), parent)
+    sweep = open_sweep(connect(store["uri"], create=False), parent)
     assert sweep.kind == "ablation" and sweep.experiment_name == "ablation-test" and len(sweep.trials) == 13
 
     child = next(t.run_id for t in sweep.trials if t.name == "twin-s0")
@@ -296,6 +298,33 @@ def test_sweep_found_by_parent_run_id_and_bad_input_is_one_line(store, tmp_path,
         assert message in error and "\n" not in error
     assert ablation_report.main(["--predictions", str(tmp_path / "nowhere")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_readers_of_sweeps_skip_final_training_runs_by_their_run_type(tmp_path):
+    """A final training's run (run_type=final) beside a sweep's parent run in one experiment: open_sweep reads the
+    sweep, however much later the final run started, and refuses the final run by id, naming its run type."""
+    from dashboards.mlflow_store import FINAL_RUN, RUN_TYPE_TAG, SWEEP_RUN, connect
+    from sweeps.final.track import FinalRun
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    client = connect(uri)
+    sweep = SweepRun.start(client, "shared", artifact_root=None, params={"seeds": 1}, tags={"kind": "ablation"})
+    client.create_run(sweep.experiment_id, run_name="baseline-s0", tags={PARENT_RUN_TAG: sweep.parent_run_id,
+                                                                         "arm": "baseline", "seed": "0"})
+    final = FinalRun.start(client, uri, experiment="shared", run_name="final-1", artifact_root=None,
+                           params={"seeds": 1}, tags={"kind": "final"})
+    assert final.experiment_id == sweep.experiment_id
+    assert client.get_run(sweep.parent_run_id).data.tags[RUN_TYPE_TAG] == SWEEP_RUN
+    assert client.get_run(final.parent_run_id).data.tags[RUN_TYPE_TAG] == FINAL_RUN
+    assert client.get_run(final.parent_run_id).info.run_name == "final-1"
+
+    found = open_sweep(client, "shared")
+    assert found.parent_run_id == sweep.parent_run_id and found.notes == [] and \
+        [t.name for t in found.trials] == ["baseline-s0"]
+    with pytest.raises(UserError, match=f"that is a final training's run \\({RUN_TYPE_TAG}={FINAL_RUN}\\)"):
+        open_sweep(client, final.parent_run_id)
+    FinalRun.start(client, uri, experiment="finals-only", run_name="final-2", artifact_root=None, params={}, tags={})
+    with pytest.raises(UserError, match=r"experiment has only final training runs \(1, run_type=final\)"):
+        open_sweep(client, "finals-only")
 
 
 def test_search_report_importance_direction_and_rerun_command(store, tmp_path, capsys):

@@ -15,7 +15,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from sweeps.tracking import PARENT_RUN_TAG, SweepRun
+from dashboards.mlflow_store import PARENT_RUN_TAG
+from sweeps.tracking import SweepRun
 from trainable.config import TrialConfig
 from trainable.findings import FINDINGS
 from trainable.metrics import epoch_metrics

@@ -34,8 +34,9 @@ import torch
 from mlflow import MlflowClient
 
 import sweeps.runner as runner
+from dashboards.mlflow_store import mask_secrets
 from sweeps.ablation import Ablation
-from sweeps.tracking import mask_secrets, ui_command
+from sweeps.tracking import ui_command
 from trainable.__main__ import main as trial_main
 from trainable.config import TrialConfig
 from trainable.data.synthetic import generate

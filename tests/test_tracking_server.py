@@ -225,12 +225,12 @@ def test_a_second_driver_of_a_running_sweep_is_refused_in_one_line(secured):
     assert sum("mlflow.parentRunId" not in r.data.tags for r in runs) == 1        # one parent run, not two
 
 
-OPEN_STORE = "import sys; from sweeps.tracking import connect; connect(sys.argv[1]); print('opened')"
+OPEN_STORE = "import sys; from dashboards.mlflow_store import connect; connect(sys.argv[1]); print('opened')"
 
 
 def test_two_drivers_on_a_fresh_out_create_the_embedded_store_one_after_the_other(tmp_path):
     """Two processes open a fresh embedded store at once, as two drivers starting on a fresh --out do (the same
-    sweeps.tracking.connect, without the rest of a driver's start-up): before, one of them died in the other's
+    dashboards.mlflow_store.connect, without the rest of a driver's start-up): before, one of them died in the other's
     half-done schema migration and left the store unusable."""
     uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -248,7 +248,7 @@ def test_two_drivers_on_a_fresh_out_create_the_embedded_store_one_after_the_othe
 
 def test_a_broken_embedded_store_is_one_error_line(tmp_path):
     """What a half-migrated or foreign file in --out meets: one line naming the file (before: a traceback)."""
-    from sweeps.tracking import connect
+    from dashboards.mlflow_store import connect
     from trainable.errors import ConfigError
     store = tmp_path / "mlflow.db"
     with sqlite3.connect(store) as db:      # a schema revision MLflow does not know, as a migration cut short

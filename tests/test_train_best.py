@@ -28,10 +28,12 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from dashboards.annotations import read_bboxes, read_google_labels
 from dashboards.gradcam import localization_scores
+from dashboards.mlflow_store import PARENT_RUN_TAG
 from dashboards.published import load_published
-from sweeps.final import fit_final, member_specs
-from sweeps.final_cli import main
-from sweeps.tracking import PARENT_RUN_TAG, SweepRun
+from sweeps.final.cli import main
+from sweeps.final.fit import fit_final
+from sweeps.final.members import member_specs
+from sweeps.tracking import SweepRun
 from trainable.config import TrialConfig
 from trainable.data.nih import DataSpec, prepare_dataset
 from trainable.deployed import DeployedClassifier, demographic_inputs
@@ -128,6 +130,7 @@ def test_registers_a_model_that_loads_back_and_predicts_as_evaluated(final, data
     assert len(versions) == 1
     run = client.get_run(versions[0].run_id)
     assert run.data.tags["kind"] == "final" and run.data.tags["data"] == "SYNTHETIC"
+    assert run.data.tags["run_type"] == "final" and run.info.run_name == final["out"].name    # its own run type
     assert run.info.status == "FINISHED" and "SYNTHETIC" in versions[0].description
     logged = client.get_logged_model(versions[0].source.rsplit("/", 1)[-1])     # filed under the final run's experiment
     assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run.info.run_id

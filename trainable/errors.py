@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+import sys
+from typing import Callable
 
 # A full disk, a full quota, or a file-size limit: each means "no room for this file here".
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -36,3 +38,19 @@ def out_of_space(err: OSError, where: str) -> UserError | None:
     if err.errno not in NO_SPACE_ERRNOS:
         return None
     return UserError(f"{where}: {err.strerror} while writing there; free space or choose another place")
+
+
+def exit_code_of(body: Callable[[], int], where: Callable[[], str]) -> int:
+    """A CLI's exit code: body()'s, or 2 after one `error:` line for a UserError or a full disk met while writing
+    `where()` (e.g. "--out runs"); any other error propagates."""
+    try:
+        return body()
+    except OSError as err:
+        full = out_of_space(err, where())
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return 2
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,9 +1,10 @@
 """`python sweeps/train_best.py`: retrain the best config(s) with a longer budget and evaluate on the test split.
 
-Order: arguments, configs, MLflow store and data are checked first; then the members train as Ray Tune trials on
-the cluster (sweeps/final_tune.py; each keeps its epoch with the best validation mean AUC), thresholds are chosen
-on validation, the test split is predicted once, and only then are its labels read for the report (sweeps/final.py
-keeps that order structural). A killed run continues with `--resume`, as a sweep does.
+Order: arguments, configs (choose.py), MLflow store and data are checked first; then the members train as Ray Tune
+trials on the cluster (fit.py; each keeps its epoch with the best validation mean AUC, members.py), thresholds are
+chosen on validation, the test split is predicted once, and only then are its labels read for the report
+(predict.py keeps that order structural; dashboards/final_report.py writes it). A killed run continues with
+`--resume`, as a sweep does.
 """
 from __future__ import annotations
 
@@ -16,26 +17,29 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from dashboards.commands import python_words, shell_join
+from dashboards.commands import REPO_ROOT, python_words, shell_join
 from dashboards.evidence import CONFIG_FILE, EVIDENCE_TAG, config_evidence
+from dashboards.mlflow_store import (FAILED, FINISHED, KILLED, artifact_location, connect, mask_secrets,
+                                     resolve_tracking_uri)
 from trainable.data.options import DATA_OPTIONS, add_data_arguments, data_spec
 from trainable.config import parse_overrides
 from trainable.data.nih import PreparedData, prepare_dataset, write_text_atomically
-from trainable.errors import ConfigError, UserError, out_of_space
+from trainable.errors import ConfigError, UserError, exit_code_of
 from trainable.findings import FINDINGS
 from trainable.tune import TrialContext
 
-from . import final_tune
-from .final import FinalModel, MemberSpec, TrainedMember, blind_test_labels, final_model, member_specs
-from .final_sources import Candidate, from_config_file, sweep_candidates, sweep_data_arguments
-from .final_tracking import FAILED, FINISHED, KILLED, FinalRun, global_tracking_uri
-from .naming import trial_run_name
-from .options import RESUMABLE_OPTIONS, add_cluster_arguments, add_storage_arguments, positive_int
-from .record import RECORD_FILE, SweepLocation, SweepRecord, check_name, storage_root, sweep_lock
-from .runner import (absolute_local_paths, adopt_arguments, cluster_session, exit_code, locate_resumed, settle,
-                     verify_resumable)
-from .tracking import artifact_location, connect, git_commit, mask_secrets, resolve_tracking_uri, ui_command
-from .tune_state import record_written
+from ..options import RESUMABLE_OPTIONS, add_cluster_arguments, add_storage_arguments, positive_int
+from ..record import RECORD_FILE, SweepLocation, SweepRecord, check_name, storage_root, sweep_lock
+from ..runner import (absolute_local_paths, adopt_arguments, cluster_session, exit_code, locate_resumed, settle,
+                      verify_resumable)
+from ..tracking import git_commit, ui_command
+from ..trial_description import trial_run_name
+from ..tune_state import record_written
+from . import fit, predict
+from .choose import Candidate, from_config_file, sweep_candidates, sweep_data_arguments
+from .members import MemberSpec, TrainedMember, member_specs
+from .predict import FinalModel, blind_test_labels, final_model
+from .track import FinalRun, global_tracking_uri
 
 DESCRIPTION = """Final training: the best config of a sweep (or a config file) trained with a longer budget over
 one or more seeds, epochs selected and F1 thresholds chosen on validation only, then evaluated once on the test split:
@@ -48,7 +52,6 @@ Grad-CAM overlays, a comparison with published AUCs, and the model registered in
     python sweeps/train_best.py --from-sweep abl --seeds 3 --address auto --storage /nfs/final --gpus-per-trial 1
     python sweeps/train_best.py --resume --storage /nfs/final                     # continue a killed run
 """
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = "final-training"
 DEFAULT_MODEL_NAME = "cxr-classifier"
 KIND = "final"                   # the kind in sweep.json: what `--resume` looks for
@@ -108,18 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> int:
         with contextlib.ExitStack() as held:     # the run's lock, for as long as this driver runs it
             return run(args, parser, held)
-    except OSError as err:
-        full = out_of_space(err, f"--out {args.out or 'runs'}")
-        if full is None:
-            raise
-        print(f"error: {full}", file=sys.stderr)
-        return 2
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+    return exit_code_of(body, lambda: f"--out {args.out or 'runs'}")
 
 
 # --- before training --------------------------------------------------------------------------------------------
@@ -160,8 +157,7 @@ def _candidates(args: argparse.Namespace, parser: argparse.ArgumentParser, uri: 
             raise ConfigError("--data is required with --config: the NIH ChestX-ray14 folder")
         return [from_config_file(args.config)], f"config file {args.config} (evidence: {CONFIG_FILE})", \
             {"source_config": str(args.config), EVIDENCE_TAG: CONFIG_FILE}
-    from dashboards.sweep_reader import connect as connect_existing
-    client = connect_existing(uri)
+    client = connect(uri, create=False)
     sweep, candidates = sweep_candidates(client, args.from_sweep, args.ensemble)
     if args.data is None:
         _fill_data_options(args, parser, sweep_data_arguments(sweep))
@@ -235,7 +231,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, held: context
 
     # The driver's MLflow logger (a Tune callback) writes through the global tracking URI, as in the sweeps.
     blinded = blind_test_labels(data)
-    context = final_tune.member_context(specs, blinded, location, args.cache_dir)
+    context = fit.member_context(specs, blinded, location, args.cache_dir)
     with cluster_session(args, location, context), global_tracking_uri(uri):
         if record is None:
             tracker = FinalRun.start(client, uri, experiment=args.experiment, run_name=out.name,
@@ -246,9 +242,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, held: context
                 kind=KIND, name=location.name, plan=plan,
                 arguments={key: value for key, value in vars(args).items() if key not in NOT_RECORDED},
                 data={"fingerprint": data.fingerprint, "synthetic": data.synthetic, "sizes": data.split_sizes()},
-                mlflow={"experiment_id": tracker.sweep_run.experiment_id, "parent_run_id": tracker.run_id,
+                mlflow={"experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_run_id,
                         "tracking_uri": mask_secrets(uri)}))
-            record_written(client, tracker.run_id, {RECORD_FILE: written})
+            record_written(client, tracker.parent_run_id, {RECORD_FILE: written})
         else:
             tracker = FinalRun.reopen(client, uri, name=location.name, experiment=args.experiment,
                                       experiment_id=record.mlflow["experiment_id"],
@@ -267,7 +263,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, held: context
         tracker.end(KILLED if isinstance(err, KeyboardInterrupt) else FAILED)
         raise
     tracker.end(FINISHED)
-    print(f"\nfiles: {out}\nMLflow run {tracker.run_id} in experiment {args.experiment!r}; browse with:\n"
+    print(f"\nfiles: {out}\nMLflow run {tracker.parent_run_id} in experiment {args.experiment!r}; browse with:\n"
           f"  {ui_command(uri)}", flush=True)
     return 0
 
@@ -277,26 +273,26 @@ def _train_on_cluster(args: argparse.Namespace, location: SweepLocation, specs: 
                       resumed: bool) -> FinalModel | int:
     """The members as Tune trials on blinded data, each one's selected epoch, the test split predicted on the
     cluster; an exit code instead when a member failed or the run was interrupted."""
-    results = final_tune.tuner(args, location, specs, context, client, experiment_id=tracker.sweep_run.experiment_id,
-                               parent_run_id=tracker.run_id, resumed=resumed).fit()
-    unfinished = settle(client, location, tracker.run_id, keep_best=True)
+    results = fit.tuner(args, location, specs, context, client, experiment_id=tracker.experiment_id,
+                        parent_run_id=tracker.parent_run_id, resumed=resumed).fit()
+    unfinished = settle(client, location, tracker.parent_run_id, keep_best=True)
     if unfinished or results.num_errors:
         failed = [trial_run_name(r.config, "") for r in results if r.error is not None]
         what = (f"interrupted with {len(unfinished)} member(s) unfinished ({', '.join(unfinished)})" if unfinished
                 else f"{len(failed)} member(s) failed ({', '.join(failed)}): the final model needs every member; "
                      f"fix the cause (see their FAILED runs in MLflow)")
-        tracker.sweep_run.set_tags({"interrupted": str(bool(unfinished)).lower()})
+        tracker.set_tags({"interrupted": str(bool(unfinished)).lower()})
         tracker.end(KILLED if unfinished else FAILED)
         where = ["--out", args.out, *(["--storage", args.storage] if args.storage else [])]
         resume = shell_join([*python_words("sweeps/train_best.py"), "--resume", location.name, *where])
         print(f"\n{what}; continue with:\n  {resume}", flush=True)
         return exit_code(results, unfinished)
     order = {spec.name: index for index, spec in enumerate(specs)}
-    members = sorted((final_tune.member_of(result, specs) for result in results), key=lambda m: order[m.spec.name])
+    members = sorted((fit.member_of(result, specs) for result in results), key=lambda m: order[m.spec.name])
     tracker.find_members()
     for member in members:
         _on_member(tracker, member)
-    return final_model(members, blinded, final_tune.predict_test(members, blinded, args))
+    return final_model(members, blinded, predict.predict_test(members, blinded, args))
 
 
 def _on_member(tracker: FinalRun, member: TrainedMember) -> None:

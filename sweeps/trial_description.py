@@ -1,4 +1,5 @@
-"""What a trial is called and tagged: `<arm>-s<seed>` in an ablation, `trial-NNNNN` in a search.
+"""How a trial is described: its name (`<arm>-s<seed>` in an ablation, `trial-NNNNN` in a search), its flat
+TrialConfig resolved from Tune's config, and the MLflow tags of its child run.
 
 Shared by Tune (trial names in the progress table) and the MLflow logger (child run names, params, tags), so
 both show the same names. Everything here is pickled into Tune's experiment state, hence plain data.

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dashboards.commands import data_option_words
-from dashboards.sweep_reader import Sweep, TrialRun, open_sweep
+from dashboards.sweep_reader import SweepResults, TrialRun, open_sweep
 from trainable.config import TrialConfig
 from trainable.errors import ConfigError, UserError
 
-from .final import SELECTION_METRIC
+from .members import SELECTION_METRIC
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def _config(trial: TrialRun) -> TrialConfig:
         raise UserError(f"{err} (was the sweep run with another version of the code?)") from None
 
 
-def rank_configs(sweep: Sweep) -> list[Candidate]:
+def rank_configs(sweep: SweepResults) -> list[Candidate]:
     """The sweep's configs, best validation mean AUC first."""
     groups: dict[str, list[tuple[TrialRun, TrialConfig]]] = {}
     for trial in sweep.trials:
@@ -69,7 +69,7 @@ def rank_configs(sweep: Sweep) -> list[Candidate]:
     return sorted(candidates, key=lambda c: (-c.val_auc_mean, c.label))
 
 
-def sweep_candidates(client, sweep_ref: str, top: int) -> tuple[Sweep, list[Candidate]]:
+def sweep_candidates(client, sweep_ref: str, top: int) -> tuple[SweepResults, list[Candidate]]:
     sweep = open_sweep(client, sweep_ref)
     ranked = rank_configs(sweep)
     if top > len(ranked):
@@ -78,7 +78,7 @@ def sweep_candidates(client, sweep_ref: str, top: int) -> tuple[Sweep, list[Cand
     return sweep, ranked[:top]
 
 
-def sweep_data_arguments(sweep: Sweep) -> list[str]:
+def sweep_data_arguments(sweep: SweepResults) -> list[str]:
     """The sweep's recorded data options as command-line arguments (for trainable's data argument parser)."""
     params = sweep.parent_params
     if params.get("data") in (None, "", "None"):

@@ -1,7 +1,9 @@
-"""MLflow for final training: one parent run (the final model) with a child run per member (config x seed).
+"""MLflow for final training: one parent run (the final model, tag run_type=final) with a child run per member.
 
-The parent run holds the data and source of the configs, the test metrics, every report file as an artifact,
-and the model (mlflow.pytorch, registered under a model name) with its config and thresholds. Child runs are the
+Its own run type, not a sweep's: many final runs share one experiment (--experiment), each named after its --out
+folder, and the readers that list sweeps (dashboards/sweep_reader.py) skip them by their run_type tag. The parent
+run holds the data and source of the configs, the test metrics, every report file as an artifact, and the model
+(mlflow.pytorch, registered under a model name) with its config and thresholds. Child runs are the
 members' Tune trials, written by the sweeps' driver-side logger (sweeps/mlflow_logger.py): per-epoch validation
 metrics under the sweeps' names, so the UI charts them like sweep trials, plus the selected epoch.
 """
@@ -18,15 +20,16 @@ import mlflow.pytorch
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, RunTag
 
 import trainable
 from dashboards.final_report import METRIC_COLUMNS
+from dashboards.mlflow_store import FINAL_RUN, PARENT_RUN_TAG, RUNNING
 from trainable.config import TrialConfig
 from trainable.deployed import DeployedClassifier
 from trainable.findings import FINDINGS
 
-from .tracking import PARENT_RUN_TAG, SweepRun
+from ..tracking import create_parent_run, experiment_id_for, reopen_parent_run
 
 MODEL_NAME = "model"
 MODEL_INPUT = ("uint8 grayscale images (B, 1, S, S) decoded as trainable.data.cache.decode_image(path, S) does, "
@@ -36,7 +39,6 @@ MODEL_INPUT = ("uint8 grayscale images (B, 1, S, S) decoded as trainable.data.ca
 MODEL_OUTPUT = "(B, 14) probabilities, columns in `findings` order"
 # What the logged model needs to be loaded (its code travels with it through code_paths).
 MODEL_REQUIREMENTS = ("torch", "timm", "numpy", "pandas")
-FINISHED, FAILED, KILLED = (RunStatus.to_string(s) for s in (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED))
 
 
 def _requirements() -> list[str]:
@@ -62,37 +64,37 @@ def global_tracking_uri(uri: str) -> Iterator[None]:
 
 
 class FinalRun:
-    def __init__(self, client: MlflowClient, tracking_uri: str, sweep_run: SweepRun):
+    """A final training's parent run (run_type=final) in the final-training experiment, and its member runs."""
+
+    def __init__(self, client: MlflowClient, tracking_uri: str, experiment_id: str, parent_run_id: str):
         self.client = client
         self.tracking_uri = tracking_uri
-        self.sweep_run = sweep_run
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
         self.children: dict[str, str] = {}      # member name -> run id
-
-    @property
-    def run_id(self) -> str:
-        return self.sweep_run.parent_run_id
 
     @classmethod
     def start(cls, client: MlflowClient, tracking_uri: str, *, experiment: str, run_name: str,
               artifact_root: str | None, params: Mapping[str, Any], tags: Mapping[str, Any]) -> "FinalRun":
-        # Reuses the sweeps' parent-run code (experiment created or restored, params cut to MLflow's limits),
-        # which names the run after the experiment: renamed here, one experiment holds many final runs.
-        sweep_run = SweepRun.start(client, experiment, artifact_root=artifact_root, params=params, tags=tags)
-        client.update_run(sweep_run.parent_run_id, name=run_name)
-        return cls(client, tracking_uri, sweep_run)
+        experiment_id = experiment_id_for(client, experiment, artifact_root)
+        return cls(client, tracking_uri, experiment_id,
+                   create_parent_run(client, experiment_id, run_name, FINAL_RUN, params=params, tags=tags))
 
     @classmethod
     def reopen(cls, client: MlflowClient, tracking_uri: str, *, name: str, experiment: str, experiment_id: str,
                parent_run_id: str) -> "FinalRun":
         """The final run of a final training being resumed, RUNNING again (its member runs: find_members)."""
-        return cls(client, tracking_uri, SweepRun.reopen(client, name, experiment_id, parent_run_id, tracking_uri,
-                                                         experiment))
+        reopen_parent_run(client, name, experiment_id, parent_run_id, tracking_uri, experiment)
+        return cls(client, tracking_uri, experiment_id, parent_run_id)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.parent_run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     # --- members ------------------------------------------------------------------------------------------------
     def find_members(self) -> dict[str, str]:
         """The member runs (child runs the driver's MLflowTrialLogger created, one per Tune trial), by name."""
-        runs = self.client.search_runs([self.sweep_run.experiment_id], max_results=50000,
-                                       filter_string=f"tags.`{PARENT_RUN_TAG}` = '{self.run_id}'")
+        runs = self.client.search_runs([self.experiment_id], max_results=50000,
+                                       filter_string=f"tags.`{PARENT_RUN_TAG}` = '{self.parent_run_id}'")
         self.children = {run.info.run_name: run.info.run_id for run in runs}
         return self.children
 
@@ -110,7 +112,7 @@ class FinalRun:
                    if np.isfinite(value)]
         for column in ("auc", "f1", "ece"):
             metrics.append(Metric(f"test_{column}_mean", float(np.nanmean(test_metrics[column])), now, 0))
-        self.client.log_batch(self.run_id, metrics=metrics)
+        self.client.log_batch(self.parent_run_id, metrics=metrics)
         for row in members.itertuples():
             if row.member in self.children:
                 self.client.log_batch(self.children[row.member], metrics=[
@@ -119,19 +121,19 @@ class FinalRun:
                       if np.isfinite(getattr(row, f"test_auc_{f}")))])
 
     def log_files(self, out: Path) -> None:
-        self.client.log_artifacts(self.run_id, str(out))
+        self.client.log_artifacts(self.parent_run_id, str(out))
 
     def log_model(self, model: DeployedClassifier, registered_model_name: str, *, config: TrialConfig,
                   config_file: Path, thresholds_file: Path, thresholds: Mapping[str, float], description: str) -> str:
         """Log the model on the parent run with its config and thresholds, register it; returns the version."""
         # Created here so it belongs to the run's experiment (log_model alone would file it under the active
         # experiment, MLflow's Default, whose artifacts may live anywhere).
-        logged = self.client.create_logged_model(self.sweep_run.experiment_id, name=MODEL_NAME,
-                                                 source_run_id=self.run_id, model_type="classifier",
+        logged = self.client.create_logged_model(self.experiment_id, name=MODEL_NAME,
+                                                 source_run_id=self.parent_run_id, model_type="classifier",
                                                  params={k: str(v) for k, v in config.to_dict().items()})
         with global_tracking_uri(self.tracking_uri):
             info = mlflow.pytorch.log_model(
-                model, name=MODEL_NAME, model_id=logged.model_id, run_id=self.run_id,
+                model, name=MODEL_NAME, model_id=logged.model_id, run_id=self.parent_run_id,
                 registered_model_name=registered_model_name,
                 # pickle, not MLflow 3's default torch.export ("pt2"): the input preparation branches on tensor
                 # shapes and dtypes, which export cannot trace; the pickled classes travel along in code_paths.
@@ -145,6 +147,6 @@ class FinalRun:
 
     def end(self, status: str) -> None:
         for run_id in self.children.values():
-            if self.client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING):
+            if self.client.get_run(run_id).info.status == RUNNING:
                 self.client.set_terminated(run_id, status=status)
-        self.sweep_run.end(status)
+        self.client.set_terminated(self.parent_run_id, status=status)

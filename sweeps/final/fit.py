@@ -1,36 +1,32 @@
-"""Final training's members as Ray Tune trials: the sweeps' trainable, Tuner, MLflow logger and no-retry callback
-(sweeps/runner.py), one trial per member (config x seed), checkpointed every epoch, resumable like a sweep.
+"""Final training's members fitted as Ray Tune trials: the sweeps' trainable, Tuner, MLflow logger and no-retry
+callback (sweeps/runner.py), one trial per member (config x seed), checkpointed every epoch, resumable like a sweep.
 
 Two checkpoints of each member are kept (sweeps/checkpoint_retention.py, keep_best): the latest (what a retry or
-`--resume` continues from) and the best by validation mean AUC, ranked as final.selection_key ranks epochs, so it
-is the epoch final.select_epoch selects from the member's full history. The test split is predicted by Ray tasks
-with the trials' resources: on a cluster whose head node has no GPU, the GPU nodes do it; the driver only decides
-on validation and reports.
+`--resume` continues from) and the best by validation mean AUC, ranked as members.selection_key ranks epochs, so
+it is the epoch members.select_epoch selects from the member's full history. `fit_final` fits the same members in
+this process, one after another, without Ray.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-import numpy as np
-import ray
 from mlflow import MlflowClient
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from trainable.config import TrialConfig
 from trainable.data.nih import PreparedData
 from trainable.evaluate import predict
-from trainable.runtime import gpu_device, pick_device
-from trainable.tune import ARM_KEY, TrialContext, node_name
+from trainable.tune import ARM_KEY, TrialContext
 
-from .failures import registry_name
-from .final import MemberSpec, TrainedMember, read_checkpoint, select_epoch
-from .mlflow_logger import STEP_KEY, MLflowTrialLogger, trial_metrics
-from .naming import TrialDescriber, trial_run_name
-from .record import SweepLocation
-from .runner import build_tuner
+from ..failures import registry_name
+from ..mlflow_logger import STEP_KEY, MLflowTrialLogger, trial_metrics
+from ..record import SweepLocation
+from ..runner import build_tuner
+from ..trial_description import TrialDescriber, trial_run_name
+from .members import EpochCallback, MemberSpec, TrainedMember, read_checkpoint, select_epoch, train_member
+from .predict import FinalModel, blind_test_labels, final_model
 
 MEMBER_KIND = "final-member"          # the `kind` tag of a member's MLflow run
 
@@ -80,17 +76,17 @@ def member_of(result: tune.Result, specs: Sequence[MemberSpec]) -> TrainedMember
         return read_checkpoint(spec, by_epoch[epoch], Path(folder), history)
 
 
-@ray.remote
-def _predict_test(config: dict, state_dict: dict, data: PreparedData, cache_dir: str | None, gpus: float
-                  ) -> np.ndarray:
-    device = gpu_device(gpus, node_name()) if gpus > 0 else pick_device()
-    return predict(TrialConfig.from_dict(config), state_dict, data, "test", cache_dir, device=device)
-
-
-def predict_test(members: Sequence[TrainedMember], blinded: PreparedData, args: argparse.Namespace
-                 ) -> list[np.ndarray]:
-    """Each member's test probabilities, as Ray tasks with a trial's resources (of the blinded data)."""
-    data = ray.put(blinded)
-    task = _predict_test.options(num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial)
-    return ray.get([task.remote(m.spec.config.to_dict(), m.state_dict, data, args.cache_dir, args.gpus_per_trial)
-                    for m in members])
+def fit_final(specs: Sequence[MemberSpec], data: PreparedData, *, cache_dir: str | Path | None = None,
+              on_epoch: EpochCallback | None = None,
+              on_member: Callable[[TrainedMember], None] | None = None) -> FinalModel:
+    """Train every member here, one after another (`tuner` trains them as Ray Tune trials), decide on
+    validation, then predict the test split (without its labels)."""
+    blinded = blind_test_labels(data)
+    members = []
+    for spec in specs:
+        member = train_member(spec, blinded, cache_dir=cache_dir, on_epoch=on_epoch)
+        if on_member is not None:
+            on_member(member)
+        members.append(member)
+    test_probs = [predict(m.spec.config, m.state_dict, blinded, "test", cache_dir) for m in members]
+    return final_model(members, blinded, test_probs)
