@@ -324,11 +324,14 @@ def test_a_final_training_killed_mid_epoch_resumes_to_the_same_report(final, dat
         assert sorted(resumed.keys()) == sorted(reference.keys())
         for key in reference.keys():
             np.testing.assert_array_equal(resumed[key], reference[key])
-    # the member killed in its second epoch continued from its first epoch's checkpoint, not from scratch
+    # the member killed in its second epoch continued from a checkpoint, not from scratch: the resumed process
+    # never reported epoch 1 (Tune's result.json may lack rows of the killed process: on restart its JSON logger
+    # copies the file back from the storage, whose copy can lag one save behind; MLflow, below, has every epoch)
     for trial in checkpointed:
-        restarts = [row for row in map(json.loads, (trial / "result.json").read_text().splitlines())
-                    if row["iterations_since_restore"] == 1]
-        assert [row["epoch"] for row in restarts] == [1, 2], trial.name
+        rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+        resumed = [row["epoch"] for row in rows if row["pid"] == rows[-1]["pid"]]
+        assert resumed[0] >= 2 and resumed == list(range(resumed[0], EPOCHS + 1)), \
+            (trial.name, [(row["pid"], row["epoch"]) for row in rows])
     runs = client.search_runs([client.get_experiment_by_name("final-training").experiment_id])
     parent = next(r for r in runs if PARENT_RUN_TAG not in r.data.tags)
     children = [r for r in runs if r.data.tags.get(PARENT_RUN_TAG) == parent.info.run_id]
