@@ -28,6 +28,7 @@ from trainable.runtime import default_cache_dir
 from trainable.train import SplitArrays
 
 from .annotations import GOOGLE_FINDINGS, read_bboxes, read_google_labels
+from .external_report import evaluate_externals, markdown_section, summary_lines
 from .gradcam import localization_scores, write_overlays
 from .published import caveats, comparison_markdown, comparison_table, load_published
 
@@ -116,6 +117,7 @@ class ReportContext:
     gradcam_per_finding: int = 2
     bbox_csv: Path | None = None
     google_files: list[Path] = field(default_factory=list)
+    externals: list = field(default_factory=list)     # trainable.data.external.ExternalData: --external
 
 
 @dataclass
@@ -128,6 +130,7 @@ class FinalReport:
     google: pd.DataFrame | None
     files: list[Path]
     markdown: str
+    external: list = field(default_factory=list)      # dashboards.external_report.ExternalResult per data set
 
 
 def _write_csv(path: Path, frame: pd.DataFrame, *, index: bool = False) -> Path:
@@ -178,8 +181,16 @@ def write_report(out: Path, data: PreparedData, model: DeployedClassifier, conte
         google = google_auc(read_google_labels(context.google_files), test_images, probs, n_boot=context.n_boot)
         files.append(_write_csv(out / "google2019_auc.csv", google))
 
+    external = evaluate_externals(model, context.externals, image_size=image_config.image_size,
+                                  cache_dir=context.cache_dir or default_cache_dir(), age_fill=data.train_age_mean(),
+                                  thresholds=thresholds, internal_auc=metrics["auc"], n_boot=context.n_boot)
+    for result in external:
+        name = result.data.layout
+        files += [_write_csv(out / f"external_{name}_metrics.csv", result.metrics, index=True),
+                  _write_npz(out / f"external_{name}_predictions.npz", images=result.data.frame["image"].to_numpy(str),
+                             labels=result.data.labels(), probs=result.probs, findings=findings)]
     report = FinalReport(test_metrics=metrics, members=members, comparison=comparison, comparison_notes=notes,
-                         localization=localization, google=google, files=files, markdown="")
+                         localization=localization, google=google, files=files, markdown="", external=external)
     report.markdown = _markdown(data, context, report, thresholds, boxes is not None)
     write_text_atomically(out / "report.md", report.markdown)     # last: its presence means the report is complete
     report.files.append(out / "report.md")
@@ -256,6 +267,7 @@ def _markdown(data: PreparedData, context: ReportContext, report: FinalReport, t
               f"images, {context.n_boot} resamples)", "",
               "## Test metrics at the validation-chosen thresholds", "",
               _markdown_table(report.test_metrics), "",
+              *(markdown_section(result, _markdown_table) for result in report.external),
               "## Members", "", _markdown_table(report.members[["member", "config", "seed", "selected_epoch",
                                                                  "val_auc_mean", "test_auc_mean"]]), "",
               "## Published per-finding AUCs", "", comparison_markdown(report.comparison, report.comparison_notes), ""]
@@ -296,4 +308,6 @@ def summary_text(report: FinalReport, synthetic: bool) -> str:
     if report.google is not None:
         print("\nAUC on Google 2019 expert labels (test-split images):", file=buffer)
         print(report.google.to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=buffer)
+    for line in (line for result in report.external for line in summary_lines(result)):
+        print(line, file=buffer)
     return buffer.getvalue().rstrip()

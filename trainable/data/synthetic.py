@@ -163,6 +163,23 @@ def _render(rng: np.random.Generator, chest: np.ndarray, signatures: np.ndarray,
     return (np.clip(canvas, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
+def draw_cohort(rng: np.random.Generator, patients: int, age_dependent_finding: str | None = None
+                ) -> tuple[pd.DataFrame, np.ndarray]:
+    """(one row per image: patient_id, follow_up, age, sex, view; (images, 14) 0/1 labels), as every generated
+    layout draws them (trainable.data.external_synthetic writes the same cohorts in other layouts)."""
+    age_dependent = None if age_dependent_finding is None else FINDINGS.index(age_dependent_finding)
+    table = _patients_table(rng, patients)
+    return table, _labels(rng, table["age"].to_numpy(), age_dependent)
+
+
+def renderer(image_size: int, age_dependent_finding: str | None = None
+             ) -> Callable[[np.random.Generator, np.ndarray], np.ndarray]:
+    """`render(rng, labels)` -> one uint8 image of the chest with the signatures of its 14 0/1 labels."""
+    age_dependent = None if age_dependent_finding is None else FINDINGS.index(age_dependent_finding)
+    chest, signatures = _templates(image_size, age_dependent)
+    return lambda rng, labels: _render(rng, chest, signatures, labels)
+
+
 # PIL mode -> how a grayscale uint8 image is stored in it (16-bit: x257 so 255 maps to 65535).
 PNG_MODES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "L": lambda gray: gray,
@@ -280,15 +297,13 @@ def generate(out_dir: str | Path, *, patients: int = 300, image_size: int = 128,
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim_folder(out_dir)
     rng = np.random.default_rng(seed)
-    age_dependent = None if age_dependent_finding is None else FINDINGS.index(age_dependent_finding)
-    table = _patients_table(rng, patients)
+    table, labels = draw_cohort(rng, patients, age_dependent_finding)
     table["image"] = [f"{pid:08d}_{follow:03d}.png" for pid, follow in zip(table["patient_id"], table["follow_up"])]
-    labels = _labels(rng, table["age"].to_numpy(), age_dependent)
-    chest, signatures = _templates(image_size, age_dependent)
+    render = renderer(image_size, age_dependent_finding)
     for index, (name, row) in enumerate(zip(table["image"], labels)):
         folder = out_dir / LAYOUTS[layout](index, len(table))
         folder.mkdir(parents=True, exist_ok=True)
-        stored = PNG_MODES[png_modes[index % len(png_modes)]](_render(rng, chest, signatures, row))
+        stored = PNG_MODES[png_modes[index % len(png_modes)]](render(rng, row))
         Image.fromarray(stored).save(folder / name, compress_level=1)
     for list_name, text in _split_lists(rng, table).items():
         write_text_atomically(out_dir / list_name, text)
