@@ -3,7 +3,9 @@
 Everything it is given was decided before (members, selected epochs, thresholds: sweeps/final.py, on validation
 only). It writes into the output folder, each file atomically: test_metrics.csv, members.csv,
 comparison.csv + comparison.md, roc_curves.png, gradcam/<Finding>.png, localization.csv (with NIH's boxes),
-google2019_auc.csv (with Google's 2019 expert labels), val_/test_predictions.npz and report.md (last).
+google2019_auc.csv (with Google's 2019 expert labels), subgroups.csv + subgroup_gaps.csv (dashboards/subgroups.py),
+external_<name>_metrics.csv + _predictions.npz (--external: dashboards/external_report.py),
+val_/test_predictions.npz and report.md (last).
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from trainable.train import SplitArrays
 
 from .annotations import GOOGLE_FINDINGS, read_bboxes, read_google_labels
 from .external_report import evaluate_externals, markdown_section, summary_lines
+from .subgroups import SubgroupReport, subgroup_report
+from .subgroups import markdown_section as subgroup_section
 from .gradcam import localization_scores, write_overlays
 from .published import caveats, comparison_markdown, comparison_table, load_published
 
@@ -131,6 +135,7 @@ class FinalReport:
     files: list[Path]
     markdown: str
     external: list = field(default_factory=list)      # dashboards.external_report.ExternalResult per data set
+    subgroups: SubgroupReport | None = None
 
 
 def _write_csv(path: Path, frame: pd.DataFrame, *, index: bool = False) -> Path:
@@ -189,8 +194,12 @@ def write_report(out: Path, data: PreparedData, model: DeployedClassifier, conte
         files += [_write_csv(out / f"external_{name}_metrics.csv", result.metrics, index=True),
                   _write_npz(out / f"external_{name}_predictions.npz", images=result.data.frame["image"].to_numpy(str),
                              labels=result.data.labels(), probs=result.probs, findings=findings)]
+    subgroups = subgroup_report(test_frame, labels, probs, thresholds, n_boot=context.n_boot)
+    files += [_write_csv(out / "subgroups.csv", subgroups.by_group, index=True),
+              _write_csv(out / "subgroup_gaps.csv", subgroups.gaps, index=True)]
     report = FinalReport(test_metrics=metrics, members=members, comparison=comparison, comparison_notes=notes,
-                         localization=localization, google=google, files=files, markdown="", external=external)
+                         localization=localization, google=google, files=files, markdown="", external=external,
+                         subgroups=subgroups)
     report.markdown = _markdown(data, context, report, thresholds, boxes is not None)
     write_text_atomically(out / "report.md", report.markdown)     # last: its presence means the report is complete
     report.files.append(out / "report.md")
@@ -268,6 +277,7 @@ def _markdown(data: PreparedData, context: ReportContext, report: FinalReport, t
               "## Test metrics at the validation-chosen thresholds", "",
               _markdown_table(report.test_metrics), "",
               *(markdown_section(result, _markdown_table) for result in report.external),
+              subgroup_section(report.subgroups, _markdown_table),
               "## Members", "", _markdown_table(report.members[["member", "config", "seed", "selected_epoch",
                                                                  "val_auc_mean", "test_auc_mean"]]), "",
               "## Published per-finding AUCs", "", comparison_markdown(report.comparison, report.comparison_notes), ""]

@@ -40,6 +40,7 @@ MALE_RATE = 0.56          # NIH: 63,340 M of 112,120
 PA_RATE = 0.60            # NIH: 67,310 PA of 112,120
 TEST_PATIENT_RATE = 0.2
 AGE_THRESHOLD, AGE_LABEL_NOISE = 60, 0.05
+FEMALE_LABEL_NOISE = 0.3  # share of female images whose `female_noise_finding` label is flipped in the CSV
 KAGGLE_FOLDERS = 12
 SIGNATURE_STRENGTH = 1.3  # scales every finding's contrast; lower makes the synthetic task harder
 
@@ -271,7 +272,8 @@ def _split_lists(rng: np.random.Generator, table: pd.DataFrame) -> dict[str, str
     return {TRAIN_VAL_LIST: as_text(table["image"][~in_test]), TEST_LIST: as_text(table["image"][in_test])}
 
 
-def _check_arguments(patients, image_size, layout, csv_variant, age_dependent_finding, png_modes) -> None:
+def _check_arguments(patients, image_size, layout, csv_variant, age_dependent_finding, png_modes,
+                     female_noise_finding=None) -> None:
     checks = [
         (isinstance(patients, int) and patients >= 2, f"patients={patients!r} must be an integer >= 2"),
         (isinstance(image_size, int) and image_size >= 16, f"image_size={image_size!r} must be an integer >= 16"),
@@ -279,6 +281,8 @@ def _check_arguments(patients, image_size, layout, csv_variant, age_dependent_fi
         (csv_variant in CSV_VARIANTS, f"csv_variant={csv_variant!r} is not one of: {', '.join(CSV_VARIANTS)}"),
         (age_dependent_finding is None or age_dependent_finding in FINDINGS,
          f"age_dependent_finding={age_dependent_finding!r} is not one of: {', '.join(FINDINGS)}"),
+        (female_noise_finding is None or female_noise_finding in FINDINGS,
+         f"female_noise_finding={female_noise_finding!r} is not one of: {', '.join(FINDINGS)}"),
         (len(png_modes) > 0 and all(mode in PNG_MODES for mode in png_modes),
          f"png_modes={tuple(png_modes)!r} must be a non-empty selection of: {', '.join(PNG_MODES)}"),
     ]
@@ -289,10 +293,15 @@ def _check_arguments(patients, image_size, layout, csv_variant, age_dependent_fi
 
 def generate(out_dir: str | Path, *, patients: int = 300, image_size: int = 128, seed: int = 0,
              layout: str = "nih", csv_variant: str = "v2020", age_dependent_finding: str | None = None,
-             png_modes: Sequence[str] = ("L",)) -> Path:
-    """Write a synthetic NIH-layout data set into out_dir (deterministic for a seed); returns out_dir."""
+             png_modes: Sequence[str] = ("L",), female_noise_finding: str | None = None) -> Path:
+    """Write a synthetic NIH-layout data set into out_dir (deterministic for a seed); returns out_dir.
+
+    `female_noise_finding`: that finding's label is flipped in the CSV for FEMALE_LABEL_NOISE of the female
+    images (the pixels keep the true finding), so the labels of women are harder to predict: a planted subgroup
+    gap (dashboards/subgroups.py)."""
     png_modes = (png_modes,) if isinstance(png_modes, str) else tuple(png_modes)
-    _check_arguments(patients, image_size, layout, csv_variant, age_dependent_finding, png_modes)
+    _check_arguments(patients, image_size, layout, csv_variant, age_dependent_finding, png_modes,
+                     female_noise_finding)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim_folder(out_dir)
@@ -309,11 +318,14 @@ def generate(out_dir: str | Path, *, patients: int = 300, image_size: int = 128,
         write_text_atomically(out_dir / list_name, text)
     # The CSV and then the marker last: an interrupted run never leaves a folder that looks complete.
     variant = CSV_VARIANTS[csv_variant]
+    if female_noise_finding is not None:
+        flip = (table["sex"].to_numpy() == "F") & (rng.random(len(table)) < FEMALE_LABEL_NOISE)
+        labels[flip, FINDINGS.index(female_noise_finding)] ^= 1
     entries = _entries_csv(table, labels, image_size, variant)
     write_atomically(out_dir / variant.file_name, lambda tmp: entries.to_csv(tmp, index=False))
     details = (f"patients={patients} images={len(table)} image_size={image_size} seed={seed} layout={layout} "
                f"csv_variant={csv_variant} age_dependent_finding={age_dependent_finding} "
-               f"png_modes={','.join(png_modes)}")
+               f"png_modes={','.join(png_modes)} female_noise_finding={female_noise_finding}")
     write_text_atomically(out_dir / SYNTHETIC_MARKER, MARKER_TEXT.format(details=f"Generated with: {details}"))
     return out_dir
 
@@ -342,6 +354,9 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"make this finding positive iff age > {AGE_THRESHOLD} (with "
                              f"{AGE_LABEL_NOISE * 100:g}%% label noise) and invisible in the image, to test "
                              f"demographic inputs; one of {', '.join(FINDINGS)} (default: none)")
+    parser.add_argument("--female-noise-finding", choices=list(FINDINGS), default=None, metavar="FINDING",
+                        help=f"flip this finding's label for {FEMALE_LABEL_NOISE * 100:g}%% of female images (the "
+                             f"pixels keep the truth): a planted subgroup gap (default: none)")
     parser.add_argument("--png-modes", default="L", type=lambda text: tuple(text.split(",")),
                         help=f"comma-separated PIL modes the images cycle through, of {', '.join(PNG_MODES)} "
                              "(default: L)")
@@ -354,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out_dir = generate(args.out_dir, patients=args.patients, image_size=args.image_size, seed=args.seed,
                            layout=args.layout, csv_variant=args.csv_variant,
-                           age_dependent_finding=args.age_dependent_finding, png_modes=args.png_modes)
+                           age_dependent_finding=args.age_dependent_finding, png_modes=args.png_modes,
+                           female_noise_finding=args.female_noise_finding)
     except UserError as err:
         parser.exit(2, f"error: {err}\n")
     print(f"synthetic NIH-layout data set written to {out_dir}")
