@@ -39,6 +39,7 @@ from dashboards.html_report import HtmlReport  # noqa: E402
 from dashboards.predictions import read_predictions  # noqa: E402
 from dashboards.sweep_reader import (Sweep, ablation_trials, connect, default_tracking_uri,  # noqa: E402
                                      load_arm_predictions, open_sweep, sweep_rounds)
+from dashboards.tables import text_table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,8 +178,10 @@ def search_report(sweep: Sweep, out: Path) -> tuple[list[Path], str]:
         mean_importance = importances[importances["target"] == fx.MEAN].drop(columns="target")
         lines += ["", "importance for mean AUC (PED-ANOVA, full-budget trials; noise floor = 95th percentile of the "
                       "raw importance with outcomes shuffled):"]
-        lines += [f"  {r.param:<22} {r.importance:.3f}  raw {r.raw_importance:.4f} vs floor {r.noise_floor:.4f}"
-                  f"{'  above noise' if r.above_noise is True else ''}" for r in mean_importance.itertuples()]
+        shown = mean_importance[["param", "importance", "raw_importance", "noise_floor"]].assign(
+            above_noise=["above noise" if above is True else "" for above in mean_importance["above_noise"]])
+        lines.append(text_table(shown, {"importance": "{:.3f}".format, "raw_importance": "{:.4f}".format,
+                                        "noise_floor": "{:.4f}".format}))
         report.heading("Factor importance (mean AUC)").paragraph(
             "importance: PED-ANOVA share (normalised); a factor is above noise when its raw importance exceeds the "
             "95th percentile it reaches when the trials' outcomes are shuffled (40 shuffles). A categorical "
@@ -194,8 +197,8 @@ def search_report(sweep: Sweep, out: Path) -> tuple[list[Path], str]:
         lines += [f"note: {note}" for note in notes]
         lines += ["", "direction: the best group of each factor (mean final val AUC vs all full-budget trials):"]
         best = directions.loc[directions.groupby("param", sort=False)["mean_val_auc"].idxmax()]
-        lines += [f"  {r.param:<22} {r.group:<26} {r.vs_all_trials:+.4f} ({r.n_trials} trials)"
-                  for r in best.itertuples()]
+        lines.append(text_table(best[["param", "group", "vs_all_trials", "n_trials"]],
+                                {"vs_all_trials": "{:+.4f}".format}))
         report.heading("Direction: mean final val AUC per category or tertile").table(directions)
     top = imp.top_trials(finished)
     if top:

@@ -24,6 +24,8 @@ from trainable.findings import FINDINGS
 from trainable.metrics import binary_report, bootstrap_auc_ci, per_class_auc
 from trainable.runtime import pick_device
 
+from .tables import markdown_table
+
 PREDICT_BATCH = 64
 METRIC_COLUMNS = ("auc", "auc_ci_low", "auc_ci_high", "internal_auc", "auc_drop", "f1", "sensitivity",
                   "specificity", "ppv", "npv", "threshold", "positives", "images", "patients")
@@ -84,7 +86,7 @@ def evaluate_externals(model: DeployedClassifier, externals: Sequence[ExternalDa
     return results
 
 
-def markdown_section(result: ExternalResult, table_markdown) -> str:
+def markdown_section(result: ExternalResult) -> str:
     """The report's section for one data set: what was read, the mapping, the table beside the internal test."""
     data, metrics = result.data, result.metrics
     frame = data.frame
@@ -94,7 +96,7 @@ def markdown_section(result: ExternalResult, table_markdown) -> str:
              f"- shared findings ({len(data.shared)} of {len(FINDINGS)}): {', '.join(data.shared)}; mean AUC "
              f"**{np.nanmean(metrics['auc']):.3f}** here vs {np.nanmean(metrics['internal_auc']):.3f} on the "
              f"internal test over the same findings (95% CIs: bootstrap over patients)",
-             *(f"- {note}" for note in data.notes), "", table_markdown(metrics), "", "Label mapping:", "",
+             *(f"- {note}" for note in data.notes), "", markdown_table(metrics), "", "Label mapping:", "",
              *(f"- {line}" for line in data.mapping), ""]
     return "\n".join(lines) + "\n"
 

@@ -31,10 +31,11 @@ from trainable.train import SplitArrays
 
 from .annotations import GOOGLE_FINDINGS, read_bboxes, read_google_labels
 from .external_report import evaluate_externals, markdown_section, summary_lines
-from .subgroups import SubgroupReport, subgroup_report
-from .subgroups import markdown_section as subgroup_section
 from .gradcam import localization_scores, write_overlays
 from .published import caveats, comparison_markdown, comparison_table, load_published
+from .subgroups import SubgroupReport, subgroup_report
+from .subgroups import markdown_section as subgroup_section
+from .tables import markdown_table
 
 METRIC_COLUMNS = ("auc", "auc_ci_low", "auc_ci_high", "f1", "sensitivity", "specificity", "ppv", "npv", "ece",
                   "threshold")
@@ -91,16 +92,32 @@ def google_auc(google: pd.DataFrame, names: np.ndarray, probs: np.ndarray, *, n_
     return pd.DataFrame(rows)
 
 
+ROC_CURVE_LABEL, CHANCE_LABEL = "ROC curve (test)", "chance level (AUC 0.5)"
+
+
 def roc_figure(labels: np.ndarray, probs: np.ndarray, title: str) -> Figure:
+    """One panel per finding, its AUC in the panel title; plain axis labels on the outer panels and one legend for
+    the figure (sklearn's display labels every axis "(Positive label: 1)" and gives each panel its own legend)."""
     figure = Figure(figsize=(16, 16), layout="constrained")
     axes = figure.subplots(4, 4).ravel()
     for k, (axis, finding) in enumerate(zip(axes, FINDINGS)):
         y = np.asarray(labels[:, k]) > 0.5
         if 0 < y.sum() < len(y):
-            RocCurveDisplay.from_predictions(y, probs[:, k], ax=axis, name=finding, plot_chance_level=True)
-        axis.set_title(finding)
+            display = RocCurveDisplay.from_predictions(y, probs[:, k], ax=axis, plot_chance_level=True,
+                                                       curve_kwargs={"label": ROC_CURVE_LABEL},
+                                                       chance_level_kw={"label": CHANCE_LABEL})
+            axis.get_legend().remove()
+            axis.set_title(f"{finding} (AUC {display.roc_auc:.3f})")
+        else:
+            axis.set_title(f"{finding} (no AUC: one class only)")
+        # x labelled on the lowest panel of each column, y on the first column
+        axis.set_xlabel("false positive rate" if k + 4 >= len(FINDINGS) else "")
+        axis.set_ylabel("true positive rate" if k % 4 == 0 else "")
     for axis in axes[len(FINDINGS):]:
         axis.set_axis_off()
+    handles = next((axis.get_legend_handles_labels()[0] for axis in axes if axis.get_lines()), [])
+    if handles:
+        figure.legend(handles=handles, loc="lower right", bbox_to_anchor=(0.95, 0.1), fontsize="large")
     figure.suptitle(title)
     return figure
 
@@ -247,17 +264,6 @@ def _our_description(data: PreparedData, context: ReportContext) -> str:
             f"epochs selected and thresholds chosen on validation only")
 
 
-def _markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
-    def cell(value) -> str:
-        if isinstance(value, (float, np.floating)):
-            return "—" if not np.isfinite(value) else f"{value:.{digits}f}"
-        return str(value)
-    frame = frame.reset_index() if frame.index.name else frame
-    rows = [[cell(value) for value in row] for row in frame.itertuples(index=False)]   # keeps each column's type
-    return "\n".join(["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns),
-                      *("| " + " | ".join(row) + " |" for row in rows)])
-
-
 def _markdown(data: PreparedData, context: ReportContext, report: FinalReport, thresholds: np.ndarray,
               have_boxes: bool) -> str:
     sizes = data.split_sizes()
@@ -275,21 +281,21 @@ def _markdown(data: PreparedData, context: ReportContext, report: FinalReport, t
               f"- test mean AUC over the 14 findings: **{mean_auc:.3f}** (95% CIs per finding: bootstrap over test "
               f"images, {context.n_boot} resamples)", "",
               "## Test metrics at the validation-chosen thresholds", "",
-              _markdown_table(report.test_metrics), "",
-              *(markdown_section(result, _markdown_table) for result in report.external),
-              subgroup_section(report.subgroups, _markdown_table),
-              "## Members", "", _markdown_table(report.members[["member", "config", "seed", "selected_epoch",
-                                                                 "val_auc_mean", "test_auc_mean"]]), "",
+              markdown_table(report.test_metrics), "",
+              *(markdown_section(result) for result in report.external),
+              subgroup_section(report.subgroups),
+              "## Members", "", markdown_table(report.members[["member", "config", "seed", "selected_epoch",
+                                                                "val_auc_mean", "test_auc_mean"]]), "",
               "## Published per-finding AUCs", "", comparison_markdown(report.comparison, report.comparison_notes), ""]
     if report.localization is not None:
         lines += ["## Grad-CAM localization (NIH boxes)", "",
                   "Score = share of a finding's boxes (on test images) that contain the Grad-CAM peak for that "
-                  "finding.", "", _markdown_table(report.localization), ""]
+                  "finding.", "", markdown_table(report.localization), ""]
     else:
         lines += ["No BBox_List_2017.csv was found: no localization score.", ""]
     if report.google is not None:
         lines += ["## AUC on Google's 2019 expert labels (test-split images only)", "",
-                  _markdown_table(report.google), ""]
+                  markdown_table(report.google), ""]
     lines += ["## Thresholds (chosen on validation)", "", "```json",
               json.dumps(dict(zip(FINDINGS, map(float, thresholds))), indent=2), "```", "",
               "Figures: `roc_curves.png`, `gradcam/<Finding>.png`" + (" (boxes in green)" if have_boxes else "")]

@@ -9,18 +9,24 @@ import pandas as pd
 
 from trainable.data.nih import write_text_atomically
 
+from .effects import EQUIVALENT, HELPS, HURTS, INCONCLUSIVE
+from .palette import GREY, VERDICT_COLOURS, tint
+
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
 th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
-.helps { background: #d9f0d3; } .hurts { background: #f8d3cf; } .equivalent { background: #dbe5f3; }
-.not-estimable, .provisional { color: #8a8a8a; }
-.warning { border-left: 4px solid #e08214; background: #fff5e6; padding: 0.6em 1em; }
+.not-estimable, .provisional { color: %(grey)s; }
+.warning { border-left: 4px solid %(undecided)s; background: %(undecided_tint)s; padding: 0.6em 1em; }
 pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
-img { max-width: 100%; }
-"""
+img { max-width: 100%%; }
+""" % {"grey": GREY, "undecided": VERDICT_COLOURS[INCONCLUSIVE],
+       "undecided_tint": tint(VERDICT_COLOURS[INCONCLUSIVE], 0.1)}
+# Row tints in the palette's verdict colours (light enough for black text).
+STYLE += "".join(f".{verdict} {{ background: {tint(VERDICT_COLOURS[verdict])}; }}\n"
+                 for verdict in (HELPS, HURTS, EQUIVALENT))
 
 VERDICT_CLASSES = {"helps": "helps", "hurts": "hurts", "equivalent": "equivalent", "not estimable": "not-estimable",
                    "provisional": "provisional"}

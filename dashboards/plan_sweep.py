@@ -22,6 +22,7 @@ if __name__ == "__main__":
     sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != HERE)]
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from search_spaces import BASELINE_ARM  # noqa: E402
 from trainable.errors import UserError  # noqa: E402
@@ -31,6 +32,7 @@ from dashboards.power import MAX_SEEDS, seeds_needed  # noqa: E402
 from dashboards.predictions import read_predictions  # noqa: E402
 from dashboards.sweep_reader import (ablation_trials, connect, default_tracking_uri, load_arm_predictions,  # noqa: E402
                                      open_sweep, parent_param)
+from dashboards.tables import text_table  # noqa: E402
 
 EPOCH_SECONDS = "epoch_seconds"
 
@@ -96,13 +98,14 @@ def plan(args: argparse.Namespace) -> str:
     needed = {arm: seeds_needed(model, arm, args.baseline, look.image_variance[(arm, "auc")], args.detect, level,
                                 decide=False)[0] for arm in compared}
     lines = [f"plan from {source}: detect |Δ mean AUC| >= {args.detect:g} with 80% power, Holm over {m} arm(s) "
-             f"(first step α/m = {level:.4g}), α = {args.alpha:g}", "",
-             f"  {'arm':<24} {'pilot seeds':>11} {'seed sd':>8} {'se now':>8} {'seeds per arm needed':>21}  variance"]
-    for arm in compared:
-        row = head.loc[arm]
-        shown = f"{needed[arm]:.0f}" if np.isfinite(needed[arm]) else f"> {MAX_SEEDS} (image noise)"
-        lines.append(f"  {arm:<24} {int(row['n_seeds']):>11} {row['seed_sd']:>8.4f} {row['se']:>8.4f} {shown:>21}  "
-                     f"{row['variance']}")
+             f"(first step α/m = {level:.4g}), α = {args.alpha:g}", ""]
+    pilot = head.loc[compared]
+    table = pd.DataFrame({"arm": compared, "pilot seeds": pilot["n_seeds"].astype(int).to_numpy(),
+                          "seed sd": pilot["seed_sd"].to_numpy(), "se now": pilot["se"].to_numpy(),
+                          "seeds per arm needed": [f"{needed[arm]:.0f}" if np.isfinite(needed[arm])
+                                                   else f"> {MAX_SEEDS} (image noise)" for arm in compared],
+                          "variance": pilot["variance"].to_numpy()})
+    lines.append(text_table(table, {"seed sd": "{:.4f}".format, "se now": "{:.4f}".format}))
     finite = [n for n in needed.values() if np.isfinite(n)]
     if not finite:
         lines += ["", f"no number of seeds up to {MAX_SEEDS} detects {args.detect:g}: the validation set's image noise "

@@ -15,15 +15,11 @@ from matplotlib.figure import Figure
 from trainable.data.nih import write_atomically
 from trainable.findings import FINDINGS
 
-from .effects import EQUIVALENT, HELPS, HURTS, INCONCLUSIVE, MEAN, NOT_ESTIMABLE
+from .effects import EQUIVALENT, HELPS, HURTS, MEAN
+from .palette import DELTA_CMAP, GREY, VERDICT_COLOURS, verdict_colour
 
-VERDICT_COLOURS = {HELPS: "#1a9850", HURTS: "#d73027", EQUIVALENT: "#4575b4", INCONCLUSIVE: "#e08214"}
-GREY = "#9e9e9e"         # not estimable, and rows resting on a variance borrowed for a one-seed arm
 METRIC_LABELS = {"auc": "AUC", "f1": "F1"}
-
-
-def verdict_colour(verdict: str, provisional: bool = False) -> str:
-    return GREY if provisional or verdict == NOT_ESTIMABLE else VERDICT_COLOURS.get(verdict, GREY)
+HEATMAP_SCALE = 100      # heatmap cells and their colour bar show Δ × 100 (AUC points)
 
 
 def forest_plot(effects: pd.DataFrame, metric: str = "auc", finding: str = MEAN, confidence: float = 0.95,
@@ -43,7 +39,7 @@ def forest_plot(effects: pd.DataFrame, metric: str = "auc", finding: str = MEAN,
     ax.axvline(0, color="black", linewidth=0.8)
     if margin:
         for side in (-margin, margin):
-            ax.axvline(side, color="#4575b4", linewidth=0.8, linestyle=":")
+            ax.axvline(side, color=VERDICT_COLOURS[EQUIVALENT], linewidth=0.8, linestyle=":")
     ax.set_yticks(y, [f"{r.arm}  (seeds {r.n_seeds}/{r.n_baseline_seeds}) {r.verdict}" for r in rows.itertuples()])
     label = "mean over findings" if finding == MEAN else finding
     ax.set_xlabel(f"Δ {METRIC_LABELS.get(metric, metric)} vs baseline ({label}), {confidence:.0%} interval")
@@ -61,24 +57,26 @@ def effect_heatmap(effects: pd.DataFrame, metric: str = "auc") -> Figure:
     arms = list(dict.fromkeys(rows["arm"]))
     findings = list(dict.fromkeys(rows["finding"]))
     delta = rows.pivot(index="arm", columns="finding", values="delta").loc[arms, findings].to_numpy(float)
+    delta = delta * HEATMAP_SCALE
     verdicts = rows.pivot(index="arm", columns="finding", values="verdict").loc[arms, findings].to_numpy()
     provisional = rows.groupby("arm", sort=False)["provisional"].any().loc[arms].to_numpy()
     limit = np.nanmax(np.abs(delta)) if np.isfinite(delta).any() and np.nanmax(np.abs(delta)) > 0 else 1.0
     fig = Figure(figsize=(1.6 + 0.62 * len(findings), 1.4 + 0.42 * len(arms)), layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(delta, cmap="RdBu", norm=TwoSlopeNorm(0, -limit, limit), aspect="auto")
+    image = ax.imshow(delta, cmap=DELTA_CMAP, norm=TwoSlopeNorm(0, -limit, limit), aspect="auto")
     for (i, j), value in np.ndenumerate(delta):
         if np.isfinite(value):
             mark = {HELPS: "▲", HURTS: "▼", EQUIVALENT: "="}.get(verdicts[i, j], "")
             colour = GREY if provisional[i] else "white" if abs(value) > 0.6 * limit else "black"
-            ax.text(j, i, f"{value * 100:+.1f}{mark}", ha="center", va="center", fontsize=7,
+            ax.text(j, i, f"{value:+.1f}{mark}", ha="center", va="center", fontsize=7,
                     fontweight="bold" if mark else "normal", color=colour)
     for i in np.flatnonzero(provisional):
         ax.axhspan(i - 0.5, i + 0.5, color=GREY, alpha=0.6, zorder=2)
     ax.set_xticks(range(len(findings)), findings, rotation=45, ha="right")
     ax.set_yticks(range(len(arms)), arms)
-    fig.colorbar(image, ax=ax, label=f"Δ {METRIC_LABELS.get(metric, metric)} vs baseline")
-    ax.set_title(f"Δ {METRIC_LABELS.get(metric, metric)} × 100 per arm and finding (▲ helps, ▼ hurts, "
+    label = METRIC_LABELS.get(metric, metric)
+    fig.colorbar(image, ax=ax, label=f"Δ {label} × {HEATMAP_SCALE} vs baseline")
+    ax.set_title(f"Δ {label} × {HEATMAP_SCALE} per arm and finding (▲ helps, ▼ hurts, "
                  f"= equivalent; family-adjusted; grey: one seed)", fontsize=9)
     return fig
 

@@ -15,6 +15,8 @@ import pandas as pd
 from trainable.errors import DataError
 from trainable.findings import FINDINGS
 
+from .tables import MISSING, markdown_table
+
 PUBLISHED_AUC_CSV = Path(__file__).with_name("published_auc.csv")
 SOURCES_CSV = Path(__file__).with_name("published_auc_sources.csv")
 SOURCE_COLUMNS = ("model", "source", "split_and_seeds", "mean_auc")
@@ -67,12 +69,10 @@ def caveats(ours: str, sources: pd.DataFrame | None = None) -> list[str]:
 
 def comparison_markdown(table: pd.DataFrame, notes: list[str]) -> str:
     def cell(value: float) -> str:
-        return "—" if not np.isfinite(value) else f"{value:.3f}"
-    header = ["finding", "ours (95% CI)", *table.columns[3:]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for finding, row in table.iterrows():
-        ci = f" ({cell(row.ours_ci_low)}–{cell(row.ours_ci_high)})" if np.isfinite(row.ours_ci_low) else ""
-        lines.append("| " + " | ".join([str(finding), cell(row.ours_auc) + ci,
-                                         *(cell(row[c]) for c in table.columns[3:])]) + " |")
+        return MISSING if not np.isfinite(value) else f"{value:.3f}"
+    ours = [cell(row.ours_auc) + (f" ({cell(row.ours_ci_low)}–{cell(row.ours_ci_high)})"
+                                  if np.isfinite(row.ours_ci_low) else "") for row in table.itertuples()]
+    shown = pd.DataFrame({"finding": table.index, "ours (95% CI)": ours}).join(
+        table[table.columns[3:]].reset_index(drop=True))
     return "\n".join(["**Not comparable as is:** each column comes from its own split, number of seeds and model "
-                      "selection:", "", *(f"- {note}" for note in notes), "", *lines])
+                      "selection:", "", *(f"- {note}" for note in notes), "", markdown_table(shown)])

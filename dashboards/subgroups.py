@@ -25,6 +25,8 @@ from statsmodels.stats.multitest import multipletests
 
 from trainable.findings import FINDINGS
 
+from .tables import markdown_table
+
 UNKNOWN = "unknown"
 AGE_BANDS = (0, 20, 40, 60, 80, np.inf)
 AGE_LABELS = ("0-20", "20-40", "40-60", "60-80", "80+")
@@ -175,7 +177,7 @@ def subgroup_report(frame: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, 
     return SubgroupReport(pd.concat(tables), pd.DataFrame(gaps, columns=columns).set_index(["attribute", "metric"]))
 
 
-def markdown_section(report: SubgroupReport, table_markdown) -> str:
+def markdown_section(report: SubgroupReport) -> str:
     by_group = report.by_group.reset_index()
     by_group.index.name = None
     gaps = report.gaps.reset_index()
@@ -185,5 +187,5 @@ def markdown_section(report: SubgroupReport, table_markdown) -> str:
              "thresholds). Gap = highest minus lowest known group; 95% CI: bootstrap over patients; "
              "`p_value`: bootstrap test of no gap; `gap_holm`: a gap at a family-wise 5% over the attribute's 15 "
              "metrics (Holm).", "",
-             table_markdown(by_group), "", "### Largest gap per attribute", "", table_markdown(gaps), ""]
+             markdown_table(by_group), "", "### Largest gap per attribute", "", markdown_table(gaps), ""]
     return "\n".join(lines) + "\n"

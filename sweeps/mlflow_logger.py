@@ -11,6 +11,9 @@ continued by `--resume`, keeps its run; epochs already logged for a run are skip
   KILLED    with tag pruned=true: the scheduler (ASHA) stopped it early; its metrics are partial-budget
   KILLED    with tag interrupted=true: the sweep was interrupted; `--resume` sets it RUNNING again
   FAILED    with tag error=<last line of the error>, and error.txt as an artifact
+A trial begun after Tune last saved the experiment is unknown to the state `--resume` restores: Tune (or the
+searcher) proposes it again under a new trial id. Its earlier child run is deleted (MLflow's soft delete, tag
+superseded=true) at the resumed sweep's first step, so each trial has one run.
 Every child run is also tagged with where its trial ran: device (`cpu` or the CUDA device name), node,
 torch_version, timm_version, cuda_version, python_version.
 
@@ -78,9 +81,11 @@ class MLflowTrialLogger(Callback):
         self._runs: dict[str, _ChildRun] = {}      # open child runs of trials started in this session
         self._started: set[str] = set()             # every trial started in this session
         self._digests: StateDigests | None = None
+        self._superseded_checked = False            # this session's first step has looked for superseded runs
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "_runs": {}, "_started": set(), "_digests": None}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_started": set(), "_digests": None,
+                "_superseded_checked": False}
 
     @property
     def client(self) -> MlflowClient:
@@ -97,6 +102,25 @@ class MLflowTrialLogger(Callback):
                 StateDigests(self.client, self.parent_run_id, {})
         self._digests.add_folder(self._staging_folder())
         return None
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        """At the first step, `trials` are those Tune restored (none in a new sweep): a child run of this sweep
+        whose trial is not among them began after Tune's last save and is superseded."""
+        if self._superseded_checked:
+            return
+        self._superseded_checked = True
+        known = {trial.trial_id for trial in trials}
+        superseded = [run for run in self.client.search_runs([self.experiment_id], max_results=50000)
+                      if run.data.tags.get(PARENT_RUN_TAG) == self.parent_run_id
+                      and run.data.tags.get("trial_id") not in known]
+        for run in superseded:
+            self.client.set_tag(run.info.run_id, "superseded", "true")
+            if run.info.status == RUNNING:
+                self.client.set_terminated(run.info.run_id, status=KILLED)
+            self.client.delete_run(run.info.run_id)
+        if superseded:
+            print(f"resume: {', '.join(sorted(run.info.run_name for run in superseded))} began after Tune last "
+                  f"saved the sweep: run again as new trials (their earlier MLflow runs deleted)", flush=True)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._started.add(trial.trial_id)

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+import pandas as pd
 from ray.tune import ResultGrid
 from ray.tune.experiment import Trial
 
@@ -74,11 +75,9 @@ def fmt_mean_sd(mean: float, sd: float) -> str:
 
 
 def format_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> str:
-    """Columns padded to width; `align` has one letter per column: l (text) or r (numbers)."""
-    rows = [list(map(str, row)) for row in rows]
-    widths = [max([len(str(h)), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w)
-                         for c, w, a in zip(cells, widths, align)).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+    """Columns padded to width under a dashed rule (tabulate's "simple" format); `align` has one letter per column:
+    l (text) or r (numbers). Cells are printed as given: no number parsing, so "+0.012" keeps its sign."""
+    frame = pd.DataFrame([list(map(str, row)) for row in rows], columns=list(header))
+    text = frame.to_markdown(index=False, tablefmt="simple", disable_numparse=True,
+                             colalign=["left" if a == "l" else "right" for a in align])
+    return "\n".join(line.rstrip() for line in text.splitlines())

@@ -154,12 +154,16 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_mlflow_run(sweep)
         history = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert history == list(range(1, EPOCHS + 1)), key        # each epoch once: continued, not duplicated
     # Tune's own record of what the trial reported: a second process took over and went on from a checkpoint,
-    # so epoch 1 (before any checkpoint) was never trained again.
+    # so epoch 1 (before any checkpoint) was never trained again. Which checkpoint depends on where the kill
+    # fell: before the driver registered epoch 2's, the retry trains epoch 2 again from epoch 1's (MLflow, checked
+    # above, logs it once); after, it starts at epoch 3, and result.json may lack epoch 2 (on restart Tune's
+    # JSON logger copies the file back from --storage, whose copy can lag one sync behind).
     results = _results(out, KILLED_TRIAL)
-    epochs = [r["epoch"] for r in results]
     pids = list(dict.fromkeys(r["pid"] for r in results))
-    assert epochs.count(1) == 1 and epochs[-1] == EPOCHS and set(epochs) == set(range(1, EPOCHS + 1)), epochs
     assert len(pids) == 2 and pids[0] == killed, (pids, killed)
+    first, retry = ([r["epoch"] for r in results if r["pid"] == pid] for pid in pids)
+    assert first == list(range(1, len(first) + 1)), first
+    assert retry[0] >= 2 and retry == list(range(retry[0], EPOCHS + 1)), retry
     assert _attempts(out, KILLED_TRIAL) == 1                       # the kill, then a successful retry
     assert run.data.tags["device"] == "cpu" and run.data.tags["node"]
 

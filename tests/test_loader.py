@@ -37,13 +37,15 @@ def prefetch_threads() -> list[threading.Thread]:
 
 # --- order -------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["permutation", "oversampled"])
 @pytest.mark.parametrize("prefetch", [0, 2])
-def test_order_is_determined_by_seed_and_epoch(arrays, prefetch):
-    first = epoch_indices(loader(arrays, seed=3, prefetch=prefetch), 5)
-    again = epoch_indices(loader(arrays, seed=3, prefetch=prefetch), 5)   # a fresh loader, as after resume
+def test_order_is_determined_by_seed_and_epoch(arrays, prefetch, weighted):
+    weights = {"weights": np.linspace(1, 5, N)} if weighted else {}
+    first = epoch_indices(loader(arrays, seed=3, prefetch=prefetch, **weights), 5)
+    again = epoch_indices(loader(arrays, seed=3, prefetch=prefetch, **weights), 5)   # a fresh loader, as after resume
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
-    next_epoch = epoch_indices(loader(arrays, seed=3), 6)
-    other_seed = epoch_indices(loader(arrays, seed=4), 5)
+    next_epoch = epoch_indices(loader(arrays, seed=3, **weights), 6)
+    other_seed = epoch_indices(loader(arrays, seed=4, **weights), 5)
     assert not np.array_equal(np.concatenate(first), np.concatenate(next_epoch))
     assert not np.array_equal(np.concatenate(first), np.concatenate(other_seed))
 

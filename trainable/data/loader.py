@@ -1,8 +1,9 @@
 """Batches of cached uint8 images + labels + demographics, with optional oversampling of rare findings.
 
 The epoch order is a pure function of (seed, epoch), so a run resumed at epoch k sees exactly the batches an
-uninterrupted run sees. A background thread slices the next batches out of the memmap while the trainer
-computes (numpy's copy releases the GIL).
+uninterrupted run sees; weighted epochs are drawn by torch's `WeightedRandomSampler` with a generator seeded from
+(seed, epoch). A background thread slices the next batches out of the memmap while the trainer computes (numpy's
+copy releases the GIL).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import WeightedRandomSampler
 
 
 # --- oversampling ------------------------------------------------------------------------------------------
@@ -57,6 +59,13 @@ class Batch:
 
 
 _STOP_POLL_S = 0.05       # how often a blocked prefetch thread checks whether the consumer went away
+_SAMPLER_STREAM = 1       # keeps the sampler's seeds apart from runtime.epoch_seeds' (same seed, same epoch)
+
+
+def sampler_generator(seed: int, epoch: int) -> torch.Generator:
+    """The oversampler's generator for one epoch, derived from (seed, epoch) alone, like every per-epoch stream."""
+    state = np.random.SeedSequence([seed, epoch, _SAMPLER_STREAM]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 class BatchLoader:
@@ -85,7 +94,7 @@ class BatchLoader:
         self.demographics = np.asarray(demographics, np.float32)
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.probabilities = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
+        self.weights = None if weights is None else torch.as_tensor(np.asarray(weights, np.float64))
         self.seed = seed
         self.drop_last = drop_last
         # Pinned host memory needs an accelerator; without one the flag is a no-op rather than an error.
@@ -99,9 +108,14 @@ class BatchLoader:
     def order(self, epoch: int) -> np.ndarray:
         """The row numbers drawn in `epoch`, a pure function of (seed, epoch)."""
         count = len(self.images)
+        if self.weights is not None:
+            # torch's sampler rather than our own numpy draw: on NIH's 112,120 rows it costs 27-35 ms CPU an
+            # epoch vs 26-27 ms for rng.choice(p=...) (benchmarks/oversampling.py), nothing beside an epoch of
+            # training, and draws the same law (N independent draws in proportion to the weights).
+            sampler = WeightedRandomSampler(self.weights, count, replacement=True,
+                                            generator=sampler_generator(self.seed, epoch))
+            return np.fromiter(sampler, np.int64, count)
         rng = np.random.default_rng([self.seed, epoch])
-        if self.probabilities is not None:
-            return rng.choice(count, size=count, replace=True, p=self.probabilities)
         return rng.permutation(count) if self.shuffle else np.arange(count)
 
     def batch_indices(self, epoch: int) -> list[np.ndarray]:
