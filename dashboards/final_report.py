@@ -35,6 +35,7 @@ from .gradcam import localization_scores, write_overlays
 from .published import caveats, comparison_markdown, comparison_table, load_published
 from .subgroups import SubgroupReport, subgroup_report
 from .subgroups import markdown_section as subgroup_section
+from .subgroups import summary_lines as subgroup_lines
 from .tables import markdown_table
 
 METRIC_COLUMNS = ("auc", "auc_ci_low", "auc_ci_high", "f1", "sensitivity", "specificity", "ppv", "npv", "ece",
@@ -324,6 +325,6 @@ def summary_text(report: FinalReport, synthetic: bool) -> str:
     if report.google is not None:
         print("\nAUC on Google 2019 expert labels (test-split images):", file=buffer)
         print(report.google.to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=buffer)
-    for line in (line for result in report.external for line in summary_lines(result)):
+    for line in [*subgroup_lines(report.subgroups), *(line for r in report.external for line in summary_lines(r))]:
         print(line, file=buffer)
     return buffer.getvalue().rstrip()

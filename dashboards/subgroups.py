@@ -189,3 +189,14 @@ def markdown_section(report: SubgroupReport) -> str:
              "metrics (Holm).", "",
              markdown_table(by_group), "", "### Largest gap per attribute", "", markdown_table(gaps), ""]
     return "\n".join(lines) + "\n"
+
+
+def summary_lines(report: SubgroupReport) -> list[str]:
+    """What train_best prints: the gaps a family-wise 5% keeps, per attribute."""
+    real = report.gaps[report.gaps["gap_holm"]]
+    lines = ["\nsubgroup gaps at a family-wise 5% (Holm over each attribute's metrics; subgroups.csv, "
+             "subgroup_gaps.csv):"]
+    lines += [f"  {attribute} {metric}: {row['high']} - {row['low']} = {row['gap']:.3f} "
+              f"(95% CI {row['gap_ci_low']:.3f} to {row['gap_ci_high']:.3f})"
+              for (attribute, metric), row in real.iterrows()] or ["  none"]
+    return lines

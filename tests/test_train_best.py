@@ -212,6 +212,24 @@ def test_external_test_sets_report_the_shared_findings_with_cis_above_chance(fin
     assert "left out of that finding's metrics (--uncertain ignore)" in report
 
 
+def test_the_report_has_subgroups_whose_auc_is_sklearns_on_the_group(final, data_dir):
+    out = final["out"]
+    by_group = pd.read_csv(out / "subgroups.csv").set_index(["attribute", "group"])
+    gaps = pd.read_csv(out / "subgroup_gaps.csv").set_index(["attribute", "metric"])
+    assert set(by_group.index.get_level_values("attribute")) == {"sex", "age", "view"}
+    saved = np.load(out / "test_predictions.npz")
+    split = pd.read_csv(out / "split.csv").set_index("image").loc[saved["images"]]
+    for sex in ("M", "F"):
+        rows = (split["sex"] == sex).to_numpy()
+        assert by_group.loc[("sex", sex), "images"] == rows.sum()
+        k = FINDINGS.index("Cardiomegaly")
+        y, p = saved["labels"][rows, k], saved["probs"][rows, k]
+        if min(y.sum(), len(y) - y.sum()) >= 5:
+            assert by_group.loc[("sex", sex), "Cardiomegaly"] == pytest.approx(roc_auc_score(y, p))
+    assert (gaps["gap_ci_low"] <= gaps["gap_ci_high"]).all() and "underdiagnosis" in set(gaps.index.get_level_values(1))
+    assert "## Subgroups (test split)" in (out / "report.md").read_text() and "subgroup gaps" in final["stdout"]
+
+
 def test_published_comparison_covers_all_findings_with_its_caveats(final):
     comparison = pd.read_csv(final["out"] / "comparison.csv").set_index("finding")
     assert list(comparison.index) == [*FINDINGS, "mean"]

@@ -29,6 +29,7 @@ import pandas as pd
 
 from ..errors import ConfigError, DataError
 from ..findings import FINDINGS
+from .nih import read_text_csv
 
 UNCERTAIN_POLICIES: dict[str, float] = {"zeros": 0.0, "ones": 1.0, "ignore": float("nan")}
 DEFAULT_UNCERTAIN = "ignore"
@@ -101,12 +102,7 @@ class ExternalData:
 # --- shared parsing helpers ---------------------------------------------------------------------------------
 
 def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"{path}: not a readable CSV ({reason})") from None
-    frame.columns = frame.columns.str.strip()
+    frame = read_text_csv(path)
     missing = [name for name in required if name not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; expected "
