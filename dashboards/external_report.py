@@ -50,6 +50,7 @@ def predict_external(model: DeployedClassifier, data: ExternalData, *, image_siz
         for start in range(0, len(images), PREDICT_BATCH):
             batch = torch.from_numpy(np.array(images[start:start + PREDICT_BATCH]))[:, None].to(device)
             batches.append(model(batch, demographics[start:start + PREDICT_BATCH].to(device)).float().cpu().numpy())
+    model.cpu()            # as it is registered in MLflow afterwards: loadable on a machine without a GPU
     return np.concatenate(batches).astype(np.float32)
 
 
