@@ -151,7 +151,8 @@ def subgroup_report(frame: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, 
         # and the range of those deviations; its 1 - alpha quantile q bounds every pairwise difference's error at
         # once, so [gap - q, gap + q] covers the chosen pair's true gap whichever pair the data chose, and
         # p = share of resampled ranges >= the gap. (A percentile interval of the chosen pair's resampled gap is
-        # centred on a maximum and kept 20-67% of null gaps in benchmarks/subgroup_calibration.py.)
+        # centred on a maximum: in 3 null simulations of benchmarks/subgroup_calibration.py 13-20% of its age and
+        # view CIs lay above 0; this one: 5-7% in 20, BENCHMARKS.md.)
         # The resamples call the metrics directly: a MetricFrame per resample costs about 50 times more (pandas'
         # groupby-apply), minutes for 1000 resamples.
         metrics, codes = _metrics(labels, probs, thresholds, fast=True), groups.to_numpy()
