@@ -35,7 +35,7 @@ def planted(tmp_path_factory):
 
 
 def test_planted_label_noise_for_women_shows_a_gap_whose_ci_excludes_zero(planted):
-    report = subgroup_report(*planted, n_boot=200)
+    report = subgroup_report(*planted, n_boot=100)
     sex = report.gaps.loc["sex"]
     print(sex.round(3).to_string())
     assert sex.loc[PLANTED, ["high", "low"]].tolist() == ["M", "F"]

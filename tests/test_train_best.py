@@ -116,12 +116,13 @@ def final(data_dir, tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     externals = {layout: generate_external(root / layout, layout, patients=40, image_size=64, seed=5)
                  for layout in EXTERNAL_LAYOUTS}
+    external_args = [f"--external={layout}={folder}" for layout, folder in externals.items()]
     started = time.perf_counter()
-    code, stdout, _ = run_cli(*final_args(config, data_dir, root / "out", uri, root / "cache"),
-                              *(f"--external={layout}={folder}" for layout, folder in externals.items()))
+    code, stdout, _ = run_cli(*final_args(config, data_dir, root / "out", uri, root / "cache"), *external_args)
     print(f"train_best took {time.perf_counter() - started:.1f} s")
     assert code == 0
-    return {"out": root / "out", "uri": uri, "stdout": stdout, "cache": root / "cache", "config": config}
+    return {"out": root / "out", "uri": uri, "stdout": stdout, "cache": root / "cache", "config": config,
+            "external_args": external_args}
 
 
 # --- the model in the registry ----------------------------------------------------------------------------------
@@ -341,7 +342,8 @@ def test_a_final_training_killed_mid_epoch_resumes_to_the_same_report(final, dat
     env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
            "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "train_best.py"),
-                               *final_args(final["config"], data_dir, out, uri, final["cache"])],
+                               *final_args(final["config"], data_dir, out, uri, final["cache"]),
+                               *final["external_args"]],       # recorded: the resume evaluates them too
                               cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     # Kill driver, Ray and both trials at once, as a lost head node would, once a member is into its second epoch:
