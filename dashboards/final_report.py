@@ -3,7 +3,9 @@
 Everything it is given was decided before (members, selected epochs, thresholds: sweeps/final/, on validation
 only). It writes into the output folder, each file atomically: test_metrics.csv, members.csv,
 comparison.csv + comparison.md, roc_curves.png, gradcam/<Finding>.png, localization.csv (with NIH's boxes),
-google2019_auc.csv (with Google's 2019 expert labels), val_/test_predictions.npz and report.md (last).
+google2019_auc.csv (with Google's 2019 expert labels), subgroups.csv + subgroup_gaps.csv (dashboards/subgroups.py),
+external_<name>_metrics.csv + _predictions.npz (--external: dashboards/external_report.py),
+val_/test_predictions.npz and report.md (last).
 """
 from __future__ import annotations
 
@@ -28,8 +30,12 @@ from trainable.runtime import default_cache_dir
 from trainable.train import SplitArrays
 
 from .annotations import GOOGLE_FINDINGS, read_bboxes, read_google_labels
+from .external_report import evaluate_externals, markdown_section, summary_lines
 from .gradcam import localization_scores, write_overlays
 from .published import caveats, comparison_markdown, comparison_table, load_published
+from .subgroups import SubgroupReport, subgroup_report
+from .subgroups import markdown_section as subgroup_section
+from .subgroups import summary_lines as subgroup_lines
 from .tables import markdown_table
 
 METRIC_COLUMNS = ("auc", "auc_ci_low", "auc_ci_high", "f1", "sensitivity", "specificity", "ppv", "npv", "ece",
@@ -133,6 +139,7 @@ class ReportContext:
     gradcam_per_finding: int = 2
     bbox_csv: Path | None = None
     google_files: list[Path] = field(default_factory=list)
+    externals: list = field(default_factory=list)     # trainable.data.external.ExternalData: --external
 
 
 @dataclass
@@ -145,6 +152,8 @@ class FinalReport:
     google: pd.DataFrame | None
     files: list[Path]
     markdown: str
+    external: list = field(default_factory=list)      # dashboards.external_report.ExternalResult per data set
+    subgroups: SubgroupReport | None = None
 
 
 def _write_csv(path: Path, frame: pd.DataFrame, *, index: bool = False) -> Path:
@@ -195,8 +204,20 @@ def write_report(out: Path, data: PreparedData, model: DeployedClassifier, conte
         google = google_auc(read_google_labels(context.google_files), test_images, probs, n_boot=context.n_boot)
         files.append(_write_csv(out / "google2019_auc.csv", google))
 
+    external = evaluate_externals(model, context.externals, image_size=image_config.image_size,
+                                  cache_dir=context.cache_dir or default_cache_dir(), age_fill=data.train_age_mean(),
+                                  thresholds=thresholds, internal_auc=metrics["auc"], n_boot=context.n_boot)
+    for result in external:
+        name = result.data.layout
+        files += [_write_csv(out / f"external_{name}_metrics.csv", result.metrics, index=True),
+                  _write_npz(out / f"external_{name}_predictions.npz", images=result.data.frame["image"].to_numpy(str),
+                             labels=result.data.labels(), probs=result.probs, findings=findings)]
+    subgroups = subgroup_report(test_frame, labels, probs, thresholds, n_boot=context.n_boot)
+    files += [_write_csv(out / "subgroups.csv", subgroups.by_group, index=True),
+              _write_csv(out / "subgroup_gaps.csv", subgroups.gaps, index=True)]
     report = FinalReport(test_metrics=metrics, members=members, comparison=comparison, comparison_notes=notes,
-                         localization=localization, google=google, files=files, markdown="")
+                         localization=localization, google=google, files=files, markdown="", external=external,
+                         subgroups=subgroups)
     report.markdown = _markdown(data, context, report, thresholds, boxes is not None)
     write_text_atomically(out / "report.md", report.markdown)     # last: its presence means the report is complete
     report.files.append(out / "report.md")
@@ -262,6 +283,8 @@ def _markdown(data: PreparedData, context: ReportContext, report: FinalReport, t
               f"images, {context.n_boot} resamples)", "",
               "## Test metrics at the validation-chosen thresholds", "",
               markdown_table(report.test_metrics), "",
+              *(markdown_section(result) for result in report.external),
+              subgroup_section(report.subgroups),
               "## Members", "", markdown_table(report.members[["member", "config", "seed", "selected_epoch",
                                                                 "val_auc_mean", "test_auc_mean"]]), "",
               "## Published per-finding AUCs", "", comparison_markdown(report.comparison, report.comparison_notes), ""]
@@ -302,4 +325,6 @@ def summary_text(report: FinalReport, synthetic: bool) -> str:
     if report.google is not None:
         print("\nAUC on Google 2019 expert labels (test-split images):", file=buffer)
         print(report.google.to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=buffer)
+    for line in [*subgroup_lines(report.subgroups), *(line for r in report.external for line in summary_lines(r))]:
+        print(line, file=buffer)
     return buffer.getvalue().rstrip()

@@ -35,6 +35,7 @@ from sweeps.final.fit import fit_final
 from sweeps.final.members import member_specs
 from sweeps.tracking import SweepRun
 from trainable.config import TrialConfig
+from trainable.data.external_synthetic import generate_external
 from trainable.data.nih import DataSpec, prepare_dataset
 from trainable.deployed import DeployedClassifier, demographic_inputs
 from trainable.findings import FINDINGS
@@ -46,6 +47,7 @@ CONFIG = {"backbone": "test_resnet", "pretrained": "none", "image_size": 64, "ba
 EPOCHS, SEEDS = 2, 2
 RUN_TIMEOUT_S = 900
 MODEL_NAME = "test-cxr"
+EXTERNAL_LAYOUTS = ("chexpert", "mimic", "padchest")
 # Where trainable.data.synthetic draws each boxed finding: (top, bottom, left, right) as fractions of the image.
 SIGNATURE_BOXES = {
     "Atelectasis": (0.57, 0.66, 0.16, 0.44), "Cardiomegaly": (0.48, 0.76, 0.35, 0.73),
@@ -114,11 +116,15 @@ def final(data_dir, tmp_path_factory):
     config = root / "best_config.json"
     config.write_text(json.dumps(CONFIG))
     uri = f"sqlite:///{root / 'mlflow.db'}"
+    externals = {layout: generate_external(root / layout, layout, patients=40, image_size=64, seed=5)
+                 for layout in EXTERNAL_LAYOUTS}
+    external_args = [f"--external={layout}={folder}" for layout, folder in externals.items()]
     started = time.perf_counter()
-    code, stdout, _ = run_cli(*final_args(config, data_dir, root / "out", uri, root / "cache"))
+    code, stdout, _ = run_cli(*final_args(config, data_dir, root / "out", uri, root / "cache"), *external_args)
     print(f"train_best took {time.perf_counter() - started:.1f} s")
     assert code == 0
-    return {"out": root / "out", "uri": uri, "stdout": stdout, "cache": root / "cache", "config": config}
+    return {"out": root / "out", "uri": uri, "stdout": stdout, "cache": root / "cache", "config": config,
+            "external_args": external_args}
 
 
 # --- the model in the registry ----------------------------------------------------------------------------------
@@ -183,6 +189,49 @@ def test_writes_the_report_files_and_their_auc_is_sklearns(final):
     report = (out / "report.md").read_text()
     assert "SYNTHETIC DATA" in report and "thresholds chosen on validation" in report.lower()
     assert "SYNTHETIC" in final["stdout"] and "registered model 'test-cxr' version 1" in final["stdout"]
+
+
+def test_external_test_sets_report_the_shared_findings_with_cis_above_chance(final):
+    """The generated CheXpert/MIMIC/PadChest folders carry the NIH generator's signatures: the model trained on
+    generated NIH data scores above chance there; each AUC is sklearn's on the labelled rows."""
+    out, report = final["out"], (final["out"] / "report.md").read_text()
+    internal = pd.read_csv(out / "test_metrics.csv").set_index("finding")["auc"]
+    for layout, shared in (("chexpert", 7), ("mimic", 7), ("padchest", 14)):
+        metrics = pd.read_csv(out / f"external_{layout}_metrics.csv").set_index("finding")
+        saved = np.load(out / f"external_{layout}_predictions.npz")
+        assert len(metrics) == shared and f"## External test set: {layout}" in report
+        for finding, row in metrics.iterrows():
+            k = FINDINGS.index(finding)
+            labelled = np.isfinite(saved["labels"][:, k])
+            y, p = saved["labels"][labelled, k], saved["probs"][labelled, k]
+            assert row["images"] == labelled.sum() and row["positives"] == y.sum()
+            if 0 < y.sum() < len(y):
+                assert row["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+                assert row["auc_ci_low"] <= row["auc"] <= row["auc_ci_high"]
+            assert row["internal_auc"] == pytest.approx(internal[finding], nan_ok=True)
+        print(layout, metrics[["auc", "auc_ci_low", "auc_ci_high", "internal_auc"]].round(3).to_string())
+        assert metrics["auc"].mean() > 0.6, layout
+        assert f"external test set {layout}" in final["stdout"]
+    assert "CheXpert `Pleural Effusion` -> Effusion" in report and "CheXpert `Lung Lesion` is not mapped" in report
+    assert "left out of that finding's metrics (--uncertain ignore)" in report
+
+
+def test_the_report_has_subgroups_whose_auc_is_sklearns_on_the_group(final, data_dir):
+    out = final["out"]
+    by_group = pd.read_csv(out / "subgroups.csv").set_index(["attribute", "group"])
+    gaps = pd.read_csv(out / "subgroup_gaps.csv").set_index(["attribute", "metric"])
+    assert set(by_group.index.get_level_values("attribute")) == {"sex", "age", "view"}
+    saved = np.load(out / "test_predictions.npz")
+    split = pd.read_csv(out / "split.csv").set_index("image").loc[saved["images"]]
+    for sex in ("M", "F"):
+        rows = (split["sex"] == sex).to_numpy()
+        assert by_group.loc[("sex", sex), "images"] == rows.sum()
+        k = FINDINGS.index("Cardiomegaly")
+        y, p = saved["labels"][rows, k], saved["probs"][rows, k]
+        if min(y.sum(), len(y) - y.sum()) >= 5:
+            assert by_group.loc[("sex", sex), "Cardiomegaly"] == pytest.approx(roc_auc_score(y, p))
+    assert (gaps["gap_ci_low"] <= gaps["gap_ci_high"]).all() and "underdiagnosis" in set(gaps.index.get_level_values(1))
+    assert "## Subgroups (test split)" in (out / "report.md").read_text() and "subgroup gaps" in final["stdout"]
 
 
 def test_published_comparison_covers_all_findings_with_its_caveats(final):
@@ -296,7 +345,8 @@ def test_a_final_training_killed_mid_epoch_resumes_to_the_same_report(final, dat
     env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
            "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "train_best.py"),
-                               *final_args(final["config"], data_dir, out, uri, final["cache"])],
+                               *final_args(final["config"], data_dir, out, uri, final["cache"]),
+                               *final["external_args"]],       # recorded: the resume evaluates them too
                               cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     # Kill driver, Ray and both trials at once, as a lost head node would, once a member is into its second epoch:

@@ -23,6 +23,7 @@ from dashboards.mlflow_store import (FAILED, FINISHED, KILLED, artifact_location
                                      resolve_tracking_uri)
 from trainable.data.options import DATA_OPTIONS, add_data_arguments, data_spec
 from trainable.config import parse_overrides
+from trainable.data.external import DEFAULT_UNCERTAIN, LAYOUTS, UNCERTAIN_POLICIES, load_externals
 from trainable.data.nih import PreparedData, prepare_dataset, write_text_atomically
 from trainable.errors import ConfigError, UserError, exit_code_of
 from trainable.findings import FINDINGS
@@ -92,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="NIH's BBox_List_2017.csv for the localization score (default: looked for in --data)")
     report.add_argument("--google-labels", action="append", default=None, metavar="CSV",
                         help="Google's 2019 expert labels, repeatable (default: looked for in --data)")
+    report.add_argument("--external", action="append", default=[], metavar="NAME=DIR",
+                        help=f"also evaluate on an external test set, repeatable; NAME one of {', '.join(LAYOUTS)} "
+                             f"(frontal images, the findings it shares with NIH)")
+    report.add_argument("--uncertain", choices=list(UNCERTAIN_POLICIES), default=DEFAULT_UNCERTAIN,
+                        help="CheXpert/MIMIC uncertain (-1) labels: counted as 0, as 1, or left out of the "
+                             "finding's metrics (default: %(default)s)")
     tracking = parser.add_argument_group("MLflow")
     tracking.add_argument("--mlflow-uri", default=None,
                           help="tracking store to read the sweep from and log to (default: $MLFLOW_TRACKING_URI, "
@@ -215,6 +222,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, held: context
     for path in [bbox_csv, *google_files]:
         if path is not None and not path.is_file():
             raise ConfigError(f"{path}: no such file")
+    externals = load_externals(args.external, uncertain=args.uncertain, skip_missing=args.skip_missing)
     client = connect(uri)
     if args.overwrite and record is None:
         location.remove()
@@ -258,7 +266,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, held: context
     if isinstance(final, int):
         return final
     try:
-        _finish(args, out, data, final, source, tracker, bbox_csv, google_files)
+        _finish(args, out, data, final, source, tracker, bbox_csv, google_files, externals)
     except BaseException as err:
         tracker.end(KILLED if isinstance(err, KeyboardInterrupt) else FAILED)
         raise
@@ -332,7 +340,7 @@ def _run_tags(data: PreparedData, source: str, source_tags: dict[str, str], loca
 
 
 def _finish(args, out: Path, data: PreparedData, final: FinalModel, source: str, tracker: FinalRun,
-            bbox_csv, google_files) -> None:
+            bbox_csv, google_files, externals=()) -> None:
     from dashboards.final_report import ReportContext, summary_text, write_report
 
     members = final.members
@@ -351,7 +359,7 @@ def _finish(args, out: Path, data: PreparedData, final: FinalModel, source: str,
                             selected_epochs=[m.selected_epoch for m in members],
                             selected_values=[m.selected_value for m in members], cache_dir=args.cache_dir,
                             n_boot=args.bootstrap, gradcam_per_finding=args.gradcam_samples, bbox_csv=bbox_csv,
-                            google_files=list(google_files))
+                            google_files=list(google_files), externals=list(externals))
     report = write_report(out, data, model, context, image_config=members[0].spec.config,
                           val_images=final.validation.images, val_labels=final.validation.labels,
                           val_probs=final.validation.probs, thresholds=final.validation.thresholds,

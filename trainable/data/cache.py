@@ -1,5 +1,5 @@
-"""Decode-once cache: every PNG of a split decoded to grayscale uint8 at the trial's resolution, stored in one
-memory-mapped array that all later trials on the node reuse.
+"""Decode-once cache: every PNG (or JPEG) of a split decoded to grayscale uint8 at the trial's resolution, stored
+in one memory-mapped array that all later trials on the node reuse.
 
 Files in `cache_dir`, named from the caller's key and the image size (`<stem>` = `<key>-<size>`):
   <stem>.u8        raw (N, size, size) uint8 rows, row i = paths[i]
@@ -45,6 +45,10 @@ RESAMPLE = Image.Resampling.BILINEAR
 # Image.resize first shrinks by an integer factor with Image.reduce (box filter, fast) so that the final
 # antialiased resize spans at most this factor: 1024 -> 512 -> 224 for the default 224 px.
 REDUCING_GAP = 2.0
+SIXTEEN_BIT_DEPTHS = (8, 10, 12, 14, 16)   # bit depths a 16-bit container is read as (see _sixteen_bit_to_uint8)
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+# File extension -> (signature, format name) of what the file must hold; any other name must be a PNG (NIH's).
+IMAGE_FORMATS: dict[str, tuple[bytes, str]] = {".jpg": (JPEG_SIGNATURE, "JPEG"), ".jpeg": (JPEG_SIGNATURE, "JPEG")}
 IMAGES_PER_TASK = 32          # small tasks balance the workers and keep the progress bar moving
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -65,13 +69,20 @@ def split_cache_key(fingerprint: str, split: str) -> str:
 # --- decoding ----------------------------------------------------------------------------------------------
 
 def _sixteen_bit_to_uint8(image: Image.Image) -> Image.Image:
-    """16/32-bit grayscale -> 8-bit. 8-bit data stored in a 16-bit container (max <= 255) keeps its values;
-    otherwise the full 16-bit range maps onto 0..255 (a fixed scale, so brightness stays comparable between
-    images instead of depending on each image's own maximum)."""
+    """16/32-bit grayscale -> 8-bit, scaled by the bit depth the image uses: the smallest of SIXTEEN_BIT_DEPTHS
+    whose range holds its maximum (8-bit data in a 16-bit container keeps its values; 12-bit data, as many
+    PadChest PNGs hold, is scaled by 4095; full 16-bit data by 65535).
+
+    Why not a fixed 65535 (torchxrayvision's PC_Dataset): that is harmless in float, but in this uint8 cache it
+    leaves a 12-bit image 16 grey levels. Why not each image's own min..max: a fixed scale per bit depth keeps
+    brightness comparable between images of one scanner, where a burned-in marker or a collimator edge would
+    otherwise rescale every pixel of its image."""
     values = np.asarray(image).astype(np.int64).clip(0, 65535)
-    if values.max(initial=0) <= 255:
+    top = values.max(initial=0)
+    full_scale = next(2 ** bits - 1 for bits in SIXTEEN_BIT_DEPTHS if top <= 2 ** bits - 1)
+    if full_scale == 255:
         return Image.fromarray(values.astype(np.uint8))
-    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    return Image.fromarray(((values * 255 + full_scale // 2) // full_scale).astype(np.uint8))
 
 
 def _palette_or_colour_to_uint8(image: Image.Image) -> Image.Image:
@@ -86,6 +97,7 @@ TO_GRAYSCALE: dict[str, Callable[[Image.Image], Image.Image]] = {
     "LA": _palette_or_colour_to_uint8,
     "RGB": _palette_or_colour_to_uint8,
     "RGBA": _palette_or_colour_to_uint8,
+    "CMYK": _palette_or_colour_to_uint8,          # some JPEG encoders
     "I;16": _sixteen_bit_to_uint8,
     "I;16B": _sixteen_bit_to_uint8,
     "I;16L": _sixteen_bit_to_uint8,
@@ -93,23 +105,30 @@ TO_GRAYSCALE: dict[str, Callable[[Image.Image], Image.Image]] = {
 }
 
 
+def _image_format(path: Path) -> tuple[bytes, str]:
+    return IMAGE_FORMATS.get(path.suffix.lower(), (PNG_SIGNATURE, "PNG"))
+
+
 def _check_png_signature(path: Path) -> None:
+    """The file starts as its name says: a JPEG for .jpg/.jpeg (MIMIC-CXR-JPG, CheXpert), else a PNG."""
+    signature, kind = _image_format(path)
     try:
         with open(path, "rb") as handle:
-            head = handle.read(len(PNG_SIGNATURE))
+            head = handle.read(len(signature))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read image file ({error.strerror or error})") from None
     if not head:
-        raise DataError(f"{path}: empty file, expected a PNG image")
-    if head != PNG_SIGNATURE:
-        raise DataError(f"{path}: not a PNG (wrong file signature), expected a PNG image")
+        raise DataError(f"{path}: empty file, expected a {kind} image")
+    if head != signature:
+        raise DataError(f"{path}: not a {kind} (wrong file signature), expected a {kind} image")
 
 
 def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """Decode one PNG to a (image_size, image_size) grayscale uint8 array (non-square images are squashed, as
-    the reference implementations' Resize((size, size)) does). Raises DataError naming the file."""
+    """Decode one PNG (or JPEG, by its name) to a (image_size, image_size) grayscale uint8 array (non-square
+    images are squashed, as the reference implementations' Resize((size, size)) does). Raises DataError naming
+    the file."""
     path = Path(path)
     _check_png_signature(path)
     try:
@@ -117,7 +136,7 @@ def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
             image.load()
             to_gray = TO_GRAYSCALE.get(image.mode)
             if to_gray is None:
-                raise DataError(f"{path}: unsupported PNG mode {image.mode!r}, expected one of: "
+                raise DataError(f"{path}: unsupported {_image_format(path)[1]} mode {image.mode!r}, expected one of: "
                                 f"{', '.join(TO_GRAYSCALE)}")
             gray = to_gray(image)
             if gray.size != (image_size, image_size):
@@ -126,7 +145,7 @@ def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
     except DataError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-        raise DataError(f"{path}: corrupt or truncated PNG ({error})") from None
+        raise DataError(f"{path}: corrupt or truncated {_image_format(path)[1]} ({error})") from None
 
 
 def check_png_files(paths: Sequence[str], workers: int = 16) -> None:

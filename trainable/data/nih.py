@@ -104,7 +104,8 @@ def _reject_rows(csv_path: Path, column: str, bad: pd.Series, values: pd.Series,
                         f"{images.iloc[first]}: {values.iloc[first]!r}; expected {expected}")
 
 
-def _read_raw_csv(csv_path: Path) -> pd.DataFrame:
+def read_text_csv(csv_path: Path) -> pd.DataFrame:
+    """Every cell as text ('' for an empty one), header names stripped; a DataError naming the file otherwise."""
     try:
         # index_col=False: the 2017 file ends every line with a comma, which would otherwise shift columns.
         raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, index_col=False, encoding="utf-8-sig")
@@ -112,6 +113,11 @@ def _read_raw_csv(csv_path: Path) -> pd.DataFrame:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"{csv_path}: not a readable CSV ({reason})") from None
     raw.columns = raw.columns.str.strip()
+    return raw
+
+
+def _read_raw_csv(csv_path: Path) -> pd.DataFrame:
+    raw = read_text_csv(csv_path)
     missing = [name for name in REQUIRED_COLUMNS if name not in raw.columns]
     if missing:
         raise DataError(f"{csv_path}: missing column(s) {', '.join(map(repr, missing))}; "

@@ -40,6 +40,7 @@ MALE_RATE = 0.56          # NIH: 63,340 M of 112,120
 PA_RATE = 0.60            # NIH: 67,310 PA of 112,120
 TEST_PATIENT_RATE = 0.2
 AGE_THRESHOLD, AGE_LABEL_NOISE = 60, 0.05
+FEMALE_LABEL_NOISE = 0.3  # share of female images whose `female_noise_finding` label is flipped in the CSV
 KAGGLE_FOLDERS = 12
 SIGNATURE_STRENGTH = 1.3  # scales every finding's contrast; lower makes the synthetic task harder
 
@@ -163,6 +164,23 @@ def _render(rng: np.random.Generator, chest: np.ndarray, signatures: np.ndarray,
     return (np.clip(canvas, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
+def draw_cohort(rng: np.random.Generator, patients: int, age_dependent_finding: str | None = None
+                ) -> tuple[pd.DataFrame, np.ndarray]:
+    """(one row per image: patient_id, follow_up, age, sex, view; (images, 14) 0/1 labels), as every generated
+    layout draws them (trainable.data.external_synthetic writes the same cohorts in other layouts)."""
+    age_dependent = None if age_dependent_finding is None else FINDINGS.index(age_dependent_finding)
+    table = _patients_table(rng, patients)
+    return table, _labels(rng, table["age"].to_numpy(), age_dependent)
+
+
+def renderer(image_size: int, age_dependent_finding: str | None = None
+             ) -> Callable[[np.random.Generator, np.ndarray], np.ndarray]:
+    """`render(rng, labels)` -> one uint8 image of the chest with the signatures of its 14 0/1 labels."""
+    age_dependent = None if age_dependent_finding is None else FINDINGS.index(age_dependent_finding)
+    chest, signatures = _templates(image_size, age_dependent)
+    return lambda rng, labels: _render(rng, chest, signatures, labels)
+
+
 # PIL mode -> how a grayscale uint8 image is stored in it (16-bit: x257 so 255 maps to 65535).
 PNG_MODES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "L": lambda gray: gray,
@@ -254,7 +272,8 @@ def _split_lists(rng: np.random.Generator, table: pd.DataFrame) -> dict[str, str
     return {TRAIN_VAL_LIST: as_text(table["image"][~in_test]), TEST_LIST: as_text(table["image"][in_test])}
 
 
-def _check_arguments(patients, image_size, layout, csv_variant, age_dependent_finding, png_modes) -> None:
+def _check_arguments(patients, image_size, layout, csv_variant, age_dependent_finding, png_modes,
+                     female_noise_finding=None) -> None:
     checks = [
         (isinstance(patients, int) and patients >= 2, f"patients={patients!r} must be an integer >= 2"),
         (isinstance(image_size, int) and image_size >= 16, f"image_size={image_size!r} must be an integer >= 16"),
@@ -262,6 +281,8 @@ def _check_arguments(patients, image_size, layout, csv_variant, age_dependent_fi
         (csv_variant in CSV_VARIANTS, f"csv_variant={csv_variant!r} is not one of: {', '.join(CSV_VARIANTS)}"),
         (age_dependent_finding is None or age_dependent_finding in FINDINGS,
          f"age_dependent_finding={age_dependent_finding!r} is not one of: {', '.join(FINDINGS)}"),
+        (female_noise_finding is None or female_noise_finding in FINDINGS,
+         f"female_noise_finding={female_noise_finding!r} is not one of: {', '.join(FINDINGS)}"),
         (len(png_modes) > 0 and all(mode in PNG_MODES for mode in png_modes),
          f"png_modes={tuple(png_modes)!r} must be a non-empty selection of: {', '.join(PNG_MODES)}"),
     ]
@@ -272,33 +293,39 @@ def _check_arguments(patients, image_size, layout, csv_variant, age_dependent_fi
 
 def generate(out_dir: str | Path, *, patients: int = 300, image_size: int = 128, seed: int = 0,
              layout: str = "nih", csv_variant: str = "v2020", age_dependent_finding: str | None = None,
-             png_modes: Sequence[str] = ("L",)) -> Path:
-    """Write a synthetic NIH-layout data set into out_dir (deterministic for a seed); returns out_dir."""
+             png_modes: Sequence[str] = ("L",), female_noise_finding: str | None = None) -> Path:
+    """Write a synthetic NIH-layout data set into out_dir (deterministic for a seed); returns out_dir.
+
+    `female_noise_finding`: that finding's label is flipped in the CSV for FEMALE_LABEL_NOISE of the female
+    images (the pixels keep the true finding), so the labels of women are harder to predict: a planted subgroup
+    gap (dashboards/subgroups.py)."""
     png_modes = (png_modes,) if isinstance(png_modes, str) else tuple(png_modes)
-    _check_arguments(patients, image_size, layout, csv_variant, age_dependent_finding, png_modes)
+    _check_arguments(patients, image_size, layout, csv_variant, age_dependent_finding, png_modes,
+                     female_noise_finding)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim_folder(out_dir)
     rng = np.random.default_rng(seed)
-    age_dependent = None if age_dependent_finding is None else FINDINGS.index(age_dependent_finding)
-    table = _patients_table(rng, patients)
+    table, labels = draw_cohort(rng, patients, age_dependent_finding)
     table["image"] = [f"{pid:08d}_{follow:03d}.png" for pid, follow in zip(table["patient_id"], table["follow_up"])]
-    labels = _labels(rng, table["age"].to_numpy(), age_dependent)
-    chest, signatures = _templates(image_size, age_dependent)
+    render = renderer(image_size, age_dependent_finding)
     for index, (name, row) in enumerate(zip(table["image"], labels)):
         folder = out_dir / LAYOUTS[layout](index, len(table))
         folder.mkdir(parents=True, exist_ok=True)
-        stored = PNG_MODES[png_modes[index % len(png_modes)]](_render(rng, chest, signatures, row))
+        stored = PNG_MODES[png_modes[index % len(png_modes)]](render(rng, row))
         Image.fromarray(stored).save(folder / name, compress_level=1)
     for list_name, text in _split_lists(rng, table).items():
         write_text_atomically(out_dir / list_name, text)
     # The CSV and then the marker last: an interrupted run never leaves a folder that looks complete.
     variant = CSV_VARIANTS[csv_variant]
+    if female_noise_finding is not None:
+        flip = (table["sex"].to_numpy() == "F") & (rng.random(len(table)) < FEMALE_LABEL_NOISE)
+        labels[flip, FINDINGS.index(female_noise_finding)] ^= 1
     entries = _entries_csv(table, labels, image_size, variant)
     write_atomically(out_dir / variant.file_name, lambda tmp: entries.to_csv(tmp, index=False))
     details = (f"patients={patients} images={len(table)} image_size={image_size} seed={seed} layout={layout} "
                f"csv_variant={csv_variant} age_dependent_finding={age_dependent_finding} "
-               f"png_modes={','.join(png_modes)}")
+               f"png_modes={','.join(png_modes)} female_noise_finding={female_noise_finding}")
     write_text_atomically(out_dir / SYNTHETIC_MARKER, MARKER_TEXT.format(details=f"Generated with: {details}"))
     return out_dir
 
@@ -327,6 +354,9 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"make this finding positive iff age > {AGE_THRESHOLD} (with "
                              f"{AGE_LABEL_NOISE * 100:g}%% label noise) and invisible in the image, to test "
                              f"demographic inputs; one of {', '.join(FINDINGS)} (default: none)")
+    parser.add_argument("--female-noise-finding", choices=list(FINDINGS), default=None, metavar="FINDING",
+                        help=f"flip this finding's label for {FEMALE_LABEL_NOISE * 100:g}%% of female images (the "
+                             f"pixels keep the truth): a planted subgroup gap (default: none)")
     parser.add_argument("--png-modes", default="L", type=lambda text: tuple(text.split(",")),
                         help=f"comma-separated PIL modes the images cycle through, of {', '.join(PNG_MODES)} "
                              "(default: L)")
@@ -339,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out_dir = generate(args.out_dir, patients=args.patients, image_size=args.image_size, seed=args.seed,
                            layout=args.layout, csv_variant=args.csv_variant,
-                           age_dependent_finding=args.age_dependent_finding, png_modes=args.png_modes)
+                           age_dependent_finding=args.age_dependent_finding, png_modes=args.png_modes,
+                           female_noise_finding=args.female_noise_finding)
     except UserError as err:
         parser.exit(2, f"error: {err}\n")
     print(f"synthetic NIH-layout data set written to {out_dir}")
