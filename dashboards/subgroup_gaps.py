@@ -1,7 +1,8 @@
 """Subgroup gaps of an ablation: does an arm widen or narrow the gap between patient groups, vs the baseline?
 
-Groups from the validation metadata the sweep logged (dashboards/shortcuts.py): sex, age band (AGE_BANDS; unknown
-ages apart) and view. Per trial and attribute, two gaps = largest − smallest value over its groups:
+Groups from the validation metadata the sweep logged (dashboards/shortcuts.py): sex, age band and view, as the
+final report groups them (dashboards/subgroups.ATTRIBUTES; unknown values apart, never part of a gap). Per trial
+and attribute, two gaps = largest − smallest value over its groups:
   mean AUC            the mean over findings of each group's per-finding AUC
   underdiagnosis      Seyyed-Kalantari et al. (2021): the false-positive rate of the "No Finding" decision, i.e.
                       the share of a group's images with a finding where every probability is below the trial's own
@@ -33,32 +34,23 @@ from .effects import (DEFAULT_ALPHA, DEFAULT_MARGIN, HELPS, HURTS, TrialPredicti
                       bootstrap_counts, decide_family, patient_groups, resampled_metrics)
 from .plots import verdict_colour
 from .shortcuts import ARTIFACT_FOLDER, VAL_METADATA_CSV
+from .subgroups import ATTRIBUTES, UNKNOWN
 from .variance import delta_variance, seed_model
 
-AGE_BANDS = ((0, 20), (20, 40), (40, 60), (60, 80), (80, 200))
 MIN_GROUP_SICK = 10
 GAP_METRICS = ("mean_auc", "underdiagnosis")
 WIDENS, NARROWS = "widens", "narrows"
 GAPS_CSV, GROUPS_CSV, GAPS_PNG = "subgroup_gaps.csv", "subgroup_values.csv", "subgroup_gaps.png"
 
 
-def age_band(age: float) -> str:
-    if not np.isfinite(age):
-        return "age unknown"
-    low, high = next(band for band in AGE_BANDS if band[0] <= age < band[1] or band == AGE_BANDS[-1])
-    return f"age {low}-{high}" if high < 200 else f"age {low}+"
-
-
 def subgroups(metadata: pd.DataFrame) -> dict[str, np.ndarray]:
-    """attribute -> group label per image."""
-    return {"sex": metadata["sex"].astype(str).to_numpy(),
-            "age": np.array([age_band(a) for a in metadata["age"].to_numpy(float)]),
-            "view": metadata["view"].astype(str).to_numpy()}
+    """attribute -> group label per image, as the final report groups them (dashboards/subgroups.py)."""
+    return {attribute: group_of(metadata).to_numpy(str) for attribute, group_of in ATTRIBUTES.items()}
 
 
 def _kept_groups(labels: np.ndarray, groups: np.ndarray) -> list[str]:
     sick = labels.any(axis=1)
-    return [g for g in sorted(set(groups)) if sick[groups == g].sum() >= MIN_GROUP_SICK]
+    return [g for g in sorted(set(groups)) if g != UNKNOWN and sick[groups == g].sum() >= MIN_GROUP_SICK]
 
 
 def group_values(trials: Sequence[TrialPredictions], labels: np.ndarray, groups: np.ndarray, kept: Sequence[str],
