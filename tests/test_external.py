@@ -157,7 +157,7 @@ def test_bad_input_is_one_line_naming_file_column_value(folders, tmp_path, layou
     ("chexpert=/no/such/folder", "is not a folder"),
 ])
 def test_train_best_rejects_a_bad_external_before_ray_starts(tmp_path, value, message):
-    from sweeps.final_cli import main
+    from sweeps.final.cli import main
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"backbone": "test_resnet", "pretrained": "none"}))
     err = io.StringIO()
