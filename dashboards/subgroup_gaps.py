@@ -126,6 +126,8 @@ def gap_rows(arms: Mapping[str, Sequence[TrialPredictions]], baseline: str, meta
             per_group = pd.DataFrame(values[metric][:, 0], columns=kept).assign(arm=arm_of).groupby("arm").mean()
             group_tables.append(per_group.reset_index().melt(id_vars="arm", var_name="group", value_name="value")
                                 .assign(attribute=attribute, metric=metric))
+    if not columns:                          # no attribute with two groups big enough (a small validation split)
+        return pd.DataFrame(), pd.DataFrame()
     gaps = np.stack(gaps, axis=-1)                                                  # (T, B + 1, G)
     point = {arm: gaps[arm_of == arm, 0] for arm in arms}
     replicates = {arm: gaps[arm_of == arm, 1:] for arm in arms}

@@ -449,3 +449,12 @@ def test_subgroup_gaps_find_a_planted_gap_and_none_in_an_identical_arm(store, tm
             assert rows.loc[("twin", attribute, metric), "baseline_gap"] == pytest.approx(expected, abs=1e-9)
     assert "unknown" not in set(values["group"])                # unknown ages are never a group
     assert "subgroup_gaps.png" in section.figures and any("WIDENS" in line for line in section.summary)
+
+
+def test_subgroup_gaps_say_so_when_no_attribute_has_two_groups_big_enough(store):
+    from dashboards.subgroup_gaps import gap_section
+    baseline = store["simulated"]["baseline"]
+    metadata = simulate_metadata(baseline[0].images).assign(sex="M", view="PA", age=float("nan"))   # one group each
+    section = gap_section({"baseline": baseline, "twin": store["simulated"]["twin"]}, "baseline", metadata, n_boot=20)
+    assert section.tables == {} and section.figures == {}
+    assert section.summary == ("subgroup gaps: too few images per group",)

@@ -324,20 +324,18 @@ def test_members_train_as_tune_trials_logged_by_the_driver(final):
     assert len(glob.glob(str(final["out"] / "best-config-s*"))) == SEEDS and (final["out"] / "sweep.json").is_file()
 
 
-def _into_second_epoch(out: Path, uri: str) -> list[Path]:
-    """Trial folders of members in their second epoch: the driver logged their first (after Tune registered its
-    checkpoint), not their second, and Tune's experiment state was saved since."""
-    states = [os.path.getmtime(p) for p in glob.glob(str(out / "experiment_state-*.json"))]
-    if not states or not glob.glob(str(out / "best-config-s*")):    # Tune started: the store is set up
+def _into_second_epoch(out: Path) -> list[Path]:
+    """Trial folders of members in their second epoch: Tune's latest saved state on the storage names their first
+    checkpoint, and their second is not written yet. Files only (no MLflow query), so it can be polled often."""
+    states = sorted(glob.glob(str(out / "experiment_state-*.json")), key=os.path.getmtime)
+    if not states:
         return []
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("final-training")
-    found = []
-    for run in client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'final-member'"):
-        logged = {m.step: m.timestamp / 1000 for m in client.get_metric_history(run.info.run_id, "val_auc_mean")}
-        if 1 in logged and 2 not in logged and max(states) > logged[1]:
-            found += [Path(p) for p in glob.glob(str(out / f"{run.info.run_name}_*"))]
-    return found
+    try:
+        state = Path(states[-1]).read_text()
+    except FileNotFoundError:                      # Tune replaced it just now
+        return []
+    return [Path(trial) for trial in glob.glob(str(out / "best-config-s*"))
+            if f"{Path(trial).name}/checkpoint_000000" in state and not (Path(trial) / "checkpoint_000001").exists()]
 
 
 def test_a_final_training_killed_mid_epoch_resumes_to_the_same_report(final, data_dir, tmp_path):
@@ -352,12 +350,14 @@ def test_a_final_training_killed_mid_epoch_resumes_to_the_same_report(final, dat
     # Kill driver, Ray and both trials at once, as a lost head node would, once a member is into its second epoch:
     # its first checkpoint written, and Tune's state (saved at every checkpoint) saved since.
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not (checkpointed := _into_second_epoch(out, uri)):
+    while not (checkpointed := _into_second_epoch(out)):
         assert driver.poll() is None and time.monotonic() < deadline, "final training ended before it could be killed"
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=60)
-    checkpointed = [trial for trial in checkpointed if trial in _into_second_epoch(out, uri)]  # still unfinished
+    # still unfinished in the state a resume restores (a second checkpoint written just before the kill is not in it)
+    state = Path(max(glob.glob(str(out / "experiment_state-*.json")), key=os.path.getmtime)).read_text()
+    checkpointed = [trial for trial in checkpointed if f"{trial.name}/checkpoint_000001" not in state]
     assert checkpointed
     client = MlflowClient(uri)
     cut = client.search_runs([client.get_experiment_by_name("final-training").experiment_id])
