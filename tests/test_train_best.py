@@ -324,18 +324,29 @@ def test_members_train_as_tune_trials_logged_by_the_driver(final):
     assert len(glob.glob(str(final["out"] / "best-config-s*"))) == SEEDS and (final["out"] / "sweep.json").is_file()
 
 
-def _into_second_epoch(out: Path) -> list[Path]:
-    """Trial folders of members in their second epoch: Tune's latest saved state on the storage names their first
-    checkpoint, and their second is not written yet. Files only (no MLflow query), so it can be polled often."""
+def _saved_checkpoints(out: Path) -> dict[str, str]:
+    """trial id -> the checkpoint (folder name) of its last result in Tune's latest saved state on the storage:
+    what a resume would continue from."""
     states = sorted(glob.glob(str(out / "experiment_state-*.json")), key=os.path.getmtime)
-    if not states:
-        return []
     try:
-        state = Path(states[-1]).read_text()
-    except FileNotFoundError:                      # Tune replaced it just now
-        return []
+        trials = json.loads(Path(states[-1]).read_text())["trial_data"] if states else []
+    except (FileNotFoundError, json.JSONDecodeError):       # replaced or being written just now
+        return {}
+    saved = {}
+    for trial, runtime in trials:
+        last = json.loads(runtime).get("last_result") or {}
+        if last.get("checkpoint_dir_name"):
+            saved[json.loads(trial)["trial_id"]] = last["checkpoint_dir_name"]
+    return saved
+
+
+def _into_second_epoch(out: Path) -> list[Path]:
+    """Trial folders of members in their second epoch: Tune's saved state names their first checkpoint, and their
+    second is not written yet. Files only (no MLflow query), so it can be polled often."""
+    saved = _saved_checkpoints(out)
     return [Path(trial) for trial in glob.glob(str(out / "best-config-s*"))
-            if f"{Path(trial).name}/checkpoint_000000" in state and not (Path(trial) / "checkpoint_000001").exists()]
+            if saved.get(Path(trial).name.split("_", 1)[1]) == "checkpoint_000000"
+            and not (Path(trial) / "checkpoint_000001").exists()]
 
 
 def test_a_final_training_killed_mid_epoch_resumes_to_the_same_report(final, data_dir, tmp_path):
@@ -355,9 +366,9 @@ def test_a_final_training_killed_mid_epoch_resumes_to_the_same_report(final, dat
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=60)
-    # still unfinished in the state a resume restores (a second checkpoint written just before the kill is not in it)
-    state = Path(max(glob.glob(str(out / "experiment_state-*.json")), key=os.path.getmtime)).read_text()
-    checkpointed = [trial for trial in checkpointed if f"{trial.name}/checkpoint_000001" not in state]
+    # still at its first checkpoint in the state a resume restores
+    saved = _saved_checkpoints(out)
+    checkpointed = [trial for trial in checkpointed if saved.get(trial.name.split("_", 1)[1]) == "checkpoint_000000"]
     assert checkpointed
     client = MlflowClient(uri)
     cut = client.search_runs([client.get_experiment_by_name("final-training").experiment_id])
