@@ -21,14 +21,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from trainable.metric_names import (DEVICE_HOURS, FLOPS_PER_IMAGE, PARAM_COUNT, PEAK_GPU_MEMORY_MB, PEAK_RSS_MB,
-                                    TRAIN_FLOPS, TRAIN_IMAGES_PER_S, WALL_SECONDS)
+                                    TRAIN_FLOPS, TRAIN_IMAGES_PER_S, VAL_AUC_MEAN, WALL_SECONDS)
 
 from .effect_report import ReportSection
 from .effects import MEAN, PRIMARY
 from .plots import verdict_colour
 from .sweep_reader import TrialRun
 
-PROBE = "val_auc_mean"
+PROBE = VAL_AUC_MEAN
 COST_CSV, COST_PNG = "cost.csv", "cost_vs_effect.png"
 SAME_COMPUTE = 0.01            # compute ratios this close to 1 (e.g. 3 demographic inputs) are the same budget
 MEASURED_COLUMNS = (PARAM_COUNT, FLOPS_PER_IMAGE, TRAIN_FLOPS, TRAIN_IMAGES_PER_S, WALL_SECONDS, DEVICE_HOURS,

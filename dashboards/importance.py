@@ -32,12 +32,13 @@ from trainable.config import TrialConfig, coerce
 from trainable.data.nih import write_text_atomically
 from trainable.errors import UserError
 from trainable.findings import FINDINGS
+from trainable.metric_names import VAL_AUC_MEAN
 
 from .commands import data_option_words, python_words, shell_join
 from .effects import MEAN
 from .sweep_reader import SweepResults, TrialRun, parent_param
 
-OBJECTIVE = "val_auc_mean"
+OBJECTIVE = VAL_AUC_MEAN
 MIN_TRIALS = 3            # fewer finished trials than this cannot rank anything
 FEW_TRIALS = 50           # below this, importance rankings move with a handful of trials
 SHUFFLES = 40             # shuffled-outcome studies behind the importance noise floor

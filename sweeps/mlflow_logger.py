@@ -38,13 +38,14 @@ from ray.tune.result import AUTO_RESULT_KEYS, DONE, TRAINING_ITERATION
 
 from dashboards.mlflow_store import FAILED, FINISHED, KILLED, PARENT_RUN_TAG, RUNNING
 from trainable.checkpoint_files import PREDICTIONS_FILE, THRESHOLDS_FILE
+from trainable.metric_names import VAL_AUC_MEAN
 from trainable.tune import WHERE_KEY
 
 from .trial_description import TrialDescriber, trial_run_name
 from .tune_state import StateDigests
 
 STEP_KEY = "epoch"
-PROBE_METRIC = "val_auc_mean"           # its history tells which epochs a run already has
+PROBE_METRIC = VAL_AUC_MEAN           # its history tells which epochs a run already has
 NOT_METRICS = {*AUTO_RESULT_KEYS, DONE, STEP_KEY, "trial_id", "experiment_tag", "should_checkpoint"}
 MAX_ERROR_TAG_CHARS = 500
 

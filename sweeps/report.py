@@ -9,7 +9,9 @@ import pandas as pd
 from ray.tune import ResultGrid
 from ray.tune.experiment import Trial
 
-METRIC, MODE = "val_auc_mean", "max"     # what searches optimise and tables rank by
+from trainable.metric_names import VAL_AUC_MEAN
+
+METRIC, MODE = VAL_AUC_MEAN, "max"     # what searches optimise and tables rank by
 
 
 @dataclass(frozen=True)

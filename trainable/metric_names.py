@@ -5,6 +5,7 @@ Cost metrics say what an arm costs, not how well it does: the effect analysis ne
 saved validation predictions only); the ablation report shows them beside the effects (dashboards/cost.py).
 """
 
+VAL_AUC_MEAN = "val_auc_mean"                # mean over findings of the validation AUC (trainable/metrics.py)
 EPOCH_SECONDS = "epoch_seconds"              # training + validation of one epoch
 TRAIN_IMAGES_PER_S = "train_images_per_s"    # training throughput of the epoch (augmentation, forward, backward)
 

@@ -31,7 +31,8 @@ from .data.loader import OVERSAMPLERS, BatchLoader
 from .data.nih import PreparedData
 from .errors import ConfigError, TrialDiverged, UserError
 from .losses import LabelStats, create_loss
-from .metric_names import DEVICE_HOURS, FLOPS_PER_IMAGE, TIMING_METRICS, TRAIN_FLOPS, WALL_SECONDS  # noqa: F401
+from .metric_names import (DEVICE_HOURS, FLOPS_PER_IMAGE, TIMING_METRICS, TRAIN_FLOPS, VAL_AUC_MEAN,  # noqa: F401
+                           WALL_SECONDS)
 from .metrics import epoch_metrics
 from .models import create_model, input_stats
 from .optim import create_optimizer, create_scheduler
@@ -131,7 +132,7 @@ def train(cfg: TrialConfig, data: PreparedData, report: Report, *, cache_dir: st
             metrics, thresholds = epoch_metrics(val_split.labels, probs, val_loss=val_loss)
             epoch_seconds = time.perf_counter() - started          # training + validation: what plan_sweep costs
             scheduler.step(val_loss)
-            progress.update(epoch, metrics["val_auc_mean"])
+            progress.update(epoch, metrics[VAL_AUC_MEAN])
             progress.wall_seconds += epoch_seconds
             progress.images_trained += seen
             stop = progress.should_stop(cfg.early_stop_patience)

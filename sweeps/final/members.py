@@ -17,9 +17,10 @@ import torch
 from trainable.checkpoint_files import PREDICTIONS_FILE, STATE_FILE
 from trainable.config import TrialConfig
 from trainable.data.nih import PreparedData
+from trainable.metric_names import VAL_AUC_MEAN
 from trainable.train import train
 
-SELECTION_METRIC = "val_auc_mean"
+SELECTION_METRIC = VAL_AUC_MEAN
 
 
 @dataclass(frozen=True)
