@@ -192,42 +192,6 @@ def test_search_writes_the_best_full_budget_config(search):
     assert f"best: {parent.data.tags['best_trial']}" in done.stdout
 
 
-# --- kill and resume --------------------------------------------------------------------------------------------
-
-def test_killed_sweep_resumes_with_each_trial_once_in_mlflow(env, synthetic_dir, tmp_path):
-    out, epochs, arms = tmp_path / "out", 3, ARMS[:2]
-    args = ["--data", str(synthetic_dir), "--out", str(out), "--name", "kil", "--arms", ",".join(arms),
-            "--seeds", str(SEEDS), "--epochs", str(epochs), *TINY]
-    sweep = subprocess.Popen(command("run_ablation.py", *args), cwd=REPO, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill driver, Ray and trials at once, as a lost machine would, once the first trial has finished.
-    deadline = time.monotonic() + SWEEP_TIMEOUT_S
-    while not glob.glob(str(out / "kil" / "*" / f"checkpoint_{epochs - 1:06d}")):
-        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
-        time.sleep(0.5)
-    os.killpg(sweep.pid, signal.SIGKILL)
-    sweep.wait(timeout=60)
-    client, parent, before = mlflow_runs(out, "kil")
-    assert sum(run.info.status == "FINISHED" for run in before.values()) < len(arms) * SEEDS
-    # The child run of a trial Tune started after its last save (so the state a resume restores lacks it)
-    late = client.create_run(parent.info.experiment_id, run_name=f"{arms[0]}-s{SEEDS}",
-                             tags={"trial_id": "begun_after_save", "mlflow.parentRunId": parent.info.run_id}).info
-
-    done = run_sweep(env, "run_ablation.py", "--resume", "--out", str(out))
-    assert done.returncode == 0
-    assert f"resume: {arms[0]}-s{SEEDS} began after Tune last saved the sweep" in done.stdout
-    late = client.get_run(late.run_id)
-    assert late.info.lifecycle_stage == "deleted" and late.data.tags["superseded"] == "true"
-    client, parent, children = mlflow_runs(out, "kil")
-    assert sorted(children) == sorted(f"{arm}-s{seed}" for arm in arms for seed in range(SEEDS))
-    assert len({run.data.tags["trial_id"] for run in children.values()}) == len(children)
-    for run in children.values():
-        assert run.info.status == "FINISHED"
-        assert steps(client, run) == list(range(1, epochs + 1)), run.info.run_name   # no epoch logged twice
-    assert parent.info.status == "FINISHED" and parent.data.tags["resumes"] == "1"
-    assert "kil" in done.stdout and "AUC mean ± sd" in done.stdout
-
-
 # --- Tune state someone else wrote -------------------------------------------------------------------------------
 
 class _RunsOnUnpickling:
@@ -295,7 +259,7 @@ def test_every_tune_state_file_of_a_search_is_recorded_and_a_changed_searcher_st
         digests.verify(SweepLocation(str(tmp_path), "srch"), "check")
 
 
-# --- --until-decided: seeds only where the analysis is undecided ----------------------------------------------
+# --- --until-decided: seeds only where the analysis is undecided; a driver killed mid-round resumes -------------
 
 # An arm identical to the baseline (training is deterministic per seed: Δ = 0 exactly, and with a margin of 1e-4
 # no number of seeds shows equivalence) stays undecided by construction; an arm that cannot learn (lr 1e-8:
@@ -326,9 +290,17 @@ def test_until_decided_adds_seeds_only_to_the_undecided_arm_and_resumes_after_a_
     sweep.wait(timeout=60)
     # round 2 went to the undecided arm and the baseline only
     assert "frozen-s2" not in started() and not any(name.endswith("-s3") for name in started())
+    client, parent, before = mlflow_runs(out, "ud")
+    assert sum(run.info.status == "FINISHED" for run in before.values()) < len(before)
+    # The child run of a trial Tune started after its last save (so the state a resume restores lacks it)
+    late = client.create_run(parent.info.experiment_id, run_name="baseline_copy-s2",
+                             tags={"trial_id": "begun_after_save", "mlflow.parentRunId": parent.info.run_id}).info
 
     done = run_sweep(env, "run_ablation.py", "--resume", "--out", str(out))
     assert done.returncode == 0
+    assert "resume: baseline_copy-s2 began after Tune last saved the sweep" in done.stdout
+    late = client.get_run(late.run_id)
+    assert late.info.lifecycle_stage == "deleted" and late.data.tags["superseded"] == "true"
     client, parent, children = mlflow_runs(out, "ud")
     assert sorted(children) == sorted(["baseline-s0", "baseline-s1", "baseline-s2", "baseline_copy-s0",
                                        "baseline_copy-s1", "baseline_copy-s2", "frozen-s0", "frozen-s1"])
