@@ -93,7 +93,8 @@ def tracking_server(postgres, tmp_path_factory):
     # loaded machine can be every one of them.
     env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": postgres, "MLFLOW_ARTIFACTS_DESTINATION": str(folder / "artifacts"),
            "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
-           "MLFLOW": str(Path(sys.executable).parent / "mlflow")}
+           "MLFLOW": str(Path(sys.executable).parent / "mlflow"),
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}      # no GenAI job workers: processes nothing here uses
     with open(folder / "server.log", "w") as log:
         server = subprocess.Popen(["bash", str(SERVE)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
