@@ -21,6 +21,7 @@ import pytest
 import ray
 import timm
 import torch
+from conftest import PLANTED_ARMS, PLANTED_EPOCHS, PLANTED_SEEDS
 from mlflow import MlflowClient
 
 from dashboards import ablation_report
@@ -37,7 +38,7 @@ from trainable.findings import FINDINGS
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "backbone=test_resnet", "--set", "image_size=32", "--set", "pretrained=none",
         "--set", "batch_size=16", "--cpus-per-trial", "1"]
-ARMS, SEEDS, EPOCHS = ["baseline", "focal", "adamw"], 2, 2
+ARMS, SEEDS, EPOCHS = PLANTED_ARMS, PLANTED_SEEDS, PLANTED_EPOCHS     # of the shared ablation (conftest)
 SWEEP_TIMEOUT_S = 600
 
 pytestmark = pytest.mark.slow
@@ -81,11 +82,9 @@ def steps(client, run, key="val_auc_mean") -> list[int]:
 # --- ablation ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ablation(env, synthetic_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ablation")
-    done = run_sweep(env, "run_ablation.py", "--data", str(synthetic_dir), "--out", str(out), "--name", "abl",
-                     "--arms", ",".join(ARMS), "--seeds", str(SEEDS), "--epochs", str(EPOCHS), *TINY)
-    return out, done
+def ablation(planted_ablation):
+    """(--out, the CompletedProcess) of conftest's ablation `abl`: baseline, baseline_copy and age_sex."""
+    return planted_ablation["out"], planted_ablation["done"]
 
 
 def test_ablation_logs_one_parent_and_a_child_per_arm_and_seed(ablation):
@@ -97,7 +96,8 @@ def test_ablation_logs_one_parent_and_a_child_per_arm_and_seed(ablation):
         arm, seed = name.rsplit("-s", 1)
         assert run.info.status == "FINISHED"
         assert (run.data.tags["arm"], run.data.tags["seed"]) == (arm, seed)
-        assert run.data.tags["factor"] == {"baseline": "baseline", "focal": "loss", "adamw": "optimizer"}[arm]
+        assert run.data.tags["factor"] == {"baseline": "baseline", "baseline_copy": "control",
+                                           "age_sex": "demographics"}[arm]
         for finding in FINDINGS:
             assert steps(client, run, f"val_auc_{finding}") == list(range(1, EPOCHS + 1)), (name, finding)
             assert steps(client, run, f"val_f1_{finding}") == list(range(1, EPOCHS + 1)), (name, finding)
@@ -106,8 +106,7 @@ def test_ablation_logs_one_parent_and_a_child_per_arm_and_seed(ablation):
         # params are the resolved flat TrialConfig: the arm's change, the seed, and --set for every arm
         config = TrialConfig.from_dict(run.data.params)
         assert (config.seed, config.epochs, config.backbone, config.image_size) == (int(seed), EPOCHS, "test_resnet", 32)
-        assert config.loss == ("focal" if arm == "focal" else "bce")
-        assert config.optimizer == ("adamw" if arm == "adamw" else "adam")
+        assert config.demographics == ("age_sex" if arm == "age_sex" else "none") and config.lr == 0.01
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"val_predictions.npz", "thresholds.json"} <= artifacts
         # where it ran: this machine's CPU, node and library versions
@@ -145,7 +144,7 @@ def test_ablation_prints_a_table_per_arm_with_delta_vs_baseline(ablation):
     table = text[text.index("AUC mean ± sd"):].splitlines()
     rows = {line.split()[0]: line for line in table[2:2 + len(ARMS)]}
     assert set(rows) == set(ARMS)
-    assert rows["focal"].split()[2] == str(SEEDS) and "±" in rows["focal"]
+    assert rows["age_sex"].split()[2] == str(SEEDS) and "±" in rows["age_sex"]
     assert "mlflow ui --backend-store-uri sqlite:///" in text and "--host 127.0.0.1" in text
 
 
@@ -389,7 +388,7 @@ def test_printed_next_steps_run_as_pasted_in_a_fresh_shell(ablation, tmp_path):
 
     reported = fresh_shell(report, tmp_path, SWEEP_TIMEOUT_S)
     assert reported.returncode == 0, reported.stderr[-3000:]
-    assert "focal" in reported.stdout and (tmp_path / "reports" / "abl" / "effects.csv").is_file()
+    assert "age_sex" in reported.stdout and (tmp_path / "reports" / "abl" / "effects.csv").is_file()
 
     words = shlex.split(ui)            # this environment's mlflow (runs from a fresh shell), bound to localhost
     assert os.access(words[0], os.X_OK) and words[words.index("--host") + 1] == "127.0.0.1"
