@@ -46,6 +46,19 @@ def simulate(rng: np.random.Generator, patients: int, planted: bool) -> tuple:
     return frame, labels, probs, np.full(len(FINDINGS), 0.5)
 
 
+def _share(hits: list[bool]) -> str:
+    """A share over simulations with its binomial standard error."""
+    p = float(np.mean(hits))
+    return f"{p:.3f} ± {np.sqrt(p * (1 - p) / len(hits)):.3f}"
+
+
+def _with_error(per_simulation: pd.DataFrame) -> dict[str, str]:
+    """attribute -> mean over simulations (columns) ± its standard error (the simulations' spread / sqrt(n))."""
+    n = per_simulation.shape[1]
+    return {attribute: f"{row.mean():.3f} ± {row.std(ddof=1) / np.sqrt(n):.3f}"
+            for attribute, row in per_simulation.iterrows()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--simulations", type=int, default=100)
@@ -66,13 +79,13 @@ def main() -> int:
         power.append(bool(sex.loc[PLANTED, "gap_holm"] and sex.loc[PLANTED, "gap_ci_low"] > 0))
         other.append(bool(sex.drop(index=PLANTED)["gap_holm"].any()))
     print(f"{args.simulations} simulations x 2, {args.patients} patients, {args.boot} resamples; "
-          f"{time.perf_counter() - started:.0f} s, load average at start {load}")
-    print("null: per-gap share of 95% CIs above 0 (promised <= 0.05):",
-          pd.concat(null_ci, axis=1).mean(axis=1).round(3).to_dict())
-    print("null: share of simulations with any Holm-kept gap (family-wise, promised <= 0.05):",
-          pd.concat(null_holm, axis=1).mean(axis=1).round(3).to_dict())
+          f"{time.perf_counter() - started:.0f} s, load average at start {load}, at the end {load_average()}")
+    print("null: per-gap share of CIs above 0 (promised <= 0.05), ± its standard error over simulations:",
+          _with_error(pd.concat(null_ci, axis=1)))
+    print("null: share of simulations with any Holm-kept gap (family-wise, promised <= 0.05) ± binomial SE:",
+          _with_error(pd.concat(null_holm, axis=1).astype(float)))
     print(f"planted ({PLANTED} separation {PLANTED_SEPARATION} for F vs {SEPARATION}): kept with CI above 0 in "
-          f"{np.mean(power):.2f} of simulations; another sex gap kept in {np.mean(other):.2f}")
+          f"{_share(power)} of simulations; another sex gap kept in {_share(other)}")
     return 0
 
 

@@ -65,6 +65,35 @@ def rank_auc(y: np.ndarray, scores: np.ndarray) -> float:
     return float((rankdata(scores)[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
+def _resampled_auc(y: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """rank_auc of each resample at once: resample b holds image i weights[b, i] times, (resamples, images) ->
+    (resamples,). Per resample: each positive's weight times the weight of the negatives scored below it (ties
+    count one half), over the product of the classes' weights; NaN where a class has < MIN_CLASS_IMAGES."""
+    order = np.argsort(scores, kind="stable")
+    y, scores, weights = y[order], scores[order], weights[:, order]
+    starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])           # blocks of tied scores
+    block = np.cumsum(np.r_[True, scores[1:] != scores[:-1]]) - 1
+    negatives = np.add.reduceat(weights * ~y, starts, axis=1)                   # (resamples, blocks)
+    credit = np.cumsum(negatives, axis=1) - negatives / 2                       # below + half of the ties
+    positives_weight, negatives_weight = (weights * y).sum(axis=1), negatives.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (weights[:, y] * credit[:, block[y]]).sum(axis=1) / (positives_weight * negatives_weight)
+    return np.where(np.minimum(positives_weight, negatives_weight) >= MIN_CLASS_IMAGES, auc, np.nan)
+
+
+def _resampled_metric(metric: str, labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray,
+                      in_group: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """One group's `metric` (a finding's AUC or the underdiagnosis rate) in every resample, (resamples,)."""
+    if metric == UNDERDIAGNOSIS:
+        rows = in_group & (labels > 0.5).any(axis=1)
+        missed = ~(probs[rows] >= thresholds).any(axis=1)
+        sick = weights[:, rows].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(sick >= MIN_GROUP_IMAGES, weights[:, rows] @ missed / sick, np.nan)
+    k = FINDINGS.index(metric)
+    return _resampled_auc(labels[in_group, k] > 0.5, probs[in_group, k], weights[:, in_group])
+
+
 def _sklearn_auc(y: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(y, scores)) if min(y.sum(), len(y) - y.sum()) >= MIN_CLASS_IMAGES else float("nan")
 
@@ -132,10 +161,11 @@ def subgroup_report(frame: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, 
     (patients of `frame["patient_id"]` resampled with replacement)."""
     labels, probs, thresholds = np.asarray(labels), np.asarray(probs), np.asarray(thresholds)
     patients = np.unique(frame["patient_id"].astype(str).to_numpy(), return_inverse=True)[1].ravel()
-    members = np.split(np.argsort(patients, kind="stable"), np.cumsum(np.bincount(patients))[:-1])
+    n_patients = int(patients.max()) + 1
     rng = np.random.default_rng(seed)
-    resamples = [np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-                 for _ in range(n_boot)]
+    # resample b holds image i weights[b, i] times: its patient's count among n_patients draws with replacement
+    draws = rng.integers(0, n_patients, (n_boot, n_patients))
+    weights = np.stack([np.bincount(row, minlength=n_patients) for row in draws])[:, patients].astype(np.float64)
     tables, gaps = [], []
     for attribute, of in ATTRIBUTES.items():
         groups = of(frame)
@@ -152,19 +182,19 @@ def subgroup_report(frame: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, 
         # once, so [gap - q, gap + q] covers the chosen pair's true gap whichever pair the data chose, and
         # p = share of resampled ranges >= the gap. (A percentile interval of the chosen pair's resampled gap is
         # centred on a maximum: in 3 null simulations of benchmarks/subgroup_calibration.py 13-20% of its age and
-        # view CIs lay above 0; this one: 5-7% in 20, BENCHMARKS.md.)
-        # The resamples call the metrics directly: a MetricFrame per resample costs about 50 times more (pandas'
-        # groupby-apply), minutes for 1000 resamples.
-        metrics, codes = _metrics(labels, probs, thresholds, fast=True), groups.to_numpy()
+        # view CIs lay above 0.)
+        # A resample is a patient-count vector, so all resamples of a group's metric are computed at once
+        # (_resampled_metric); a MetricFrame per resample costs about 50 times more (pandas' groupby-apply).
+        codes = groups.to_numpy()
         known = [group for group in table.index if group != UNKNOWN]
         estimate = table.loc[known, list(pairs)].to_numpy(np.float64)        # (groups, metrics)
-        ranges = np.full((len(resamples), len(pairs)), np.nan)
-        for b, rows in enumerate(resamples):
-            in_group = [rows[codes[rows] == group] for group in known]
-            again = np.array([[metrics[metric](group_rows, None) for metric in pairs] for group_rows in in_group])
-            deviation = again - estimate
-            usable = np.isfinite(deviation).sum(axis=0) >= 2
-            ranges[b, usable] = np.nanmax(deviation[:, usable], axis=0) - np.nanmin(deviation[:, usable], axis=0)
+        again = np.stack([np.column_stack([_resampled_metric(metric, labels, probs, thresholds, codes == group,
+                                                             weights) for metric in pairs])
+                          for group in known])                               # (groups, resamples, metrics)
+        deviation = again - estimate[:, None, :]
+        present = np.isfinite(deviation)
+        spread = np.where(present, deviation, -np.inf).max(axis=0) - np.where(present, deviation, np.inf).min(axis=0)
+        ranges = np.where(present.sum(axis=0) >= 2, spread, np.nan)           # (resamples, metrics)
         found = []
         for j, (metric, (high, low)) in enumerate(pairs.items()):
             finite = ranges[:, j][np.isfinite(ranges[:, j])]
