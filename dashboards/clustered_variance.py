@@ -9,6 +9,9 @@ bootstrap it replaces in the subgroup gaps came out too narrow in benchmarks/sub
 
 Influence: the metric's estimate minus its value is, to first order, the sum over patients of `influence`, so
 Var = sum(influence**2) and Cov(a, b) = sum(a.influence * b.influence), each with a small-sample factor n / (n - 1).
+`df` says how well the variance itself is known (few patients with a positive: few degrees of freedom), for
+Student-t rather than normal quantiles: in benchmarks/subgroup_calibration.py normal quantiles let 17% of null
+simulations keep an age gap (Holm's first step lies in the tail, where an estimated variance matters most).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ class Estimate:
     value: float
     variance: float
     influence: np.ndarray          # (patients,): each patient's first-order contribution to value's error
+    df: float                      # degrees of freedom of `variance` (Satterthwaite, from its patients' counts)
 
 
 def _factor(clusters: int) -> float:
@@ -48,10 +52,10 @@ def clustered_auc(positive: np.ndarray, scores: np.ndarray, patient: np.ndarray,
     n = np.bincount(patient[~positive], minlength=n_patients)
     a = np.bincount(patient[positive], v10, minlength=n_patients) - m * auc
     b = np.bincount(patient[~positive], v01, minlength=n_patients) - n * auc
-    variance = (_factor(int((m > 0).sum())) * (a ** 2).sum() / n10 ** 2
-                + _factor(int((n > 0).sum())) * (b ** 2).sum() / n01 ** 2
-                + 2 * _factor(int(((m + n) > 0).sum())) * (a * b).sum() / (n10 * n01))
-    return Estimate(auc, float(variance), a / n10 + b / n01)
+    i10, i01 = int((m > 0).sum()), int((n > 0).sum())
+    s10, s01 = _factor(i10) * (a ** 2).sum() / n10 ** 2, _factor(i01) * (b ** 2).sum() / n01 ** 2
+    variance = s10 + s01 + 2 * _factor(int(((m + n) > 0).sum())) * (a * b).sum() / (n10 * n01)
+    return Estimate(auc, float(variance), a / n10 + b / n01, satterthwaite((s10, i10 - 1), (s01, i01 - 1)))
 
 
 def clustered_proportion(hits: np.ndarray, patient: np.ndarray, n_patients: int) -> Estimate:
@@ -61,7 +65,14 @@ def clustered_proportion(hits: np.ndarray, patient: np.ndarray, n_patients: int)
     share = float(hits.mean())
     count = np.bincount(patient, minlength=n_patients)
     influence = (np.bincount(patient, hits, minlength=n_patients) - count * share) / len(hits)
-    return Estimate(share, float(_factor(int((count > 0).sum())) * (influence ** 2).sum()), influence)
+    patients = int((count > 0).sum())
+    return Estimate(share, float(_factor(patients) * (influence ** 2).sum()), influence, float(patients - 1))
+
+
+def satterthwaite(*parts: tuple[float, float]) -> float:
+    """Degrees of freedom of a sum of independent variance estimates, each (variance, its df)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(sum(v for v, _ in parts) ** 2 / sum(v ** 2 / df for v, df in parts if v > 0))
 
 
 def covariance(estimates: list[Estimate], n_patients: int) -> np.ndarray:

@@ -45,6 +45,8 @@ def test_clustered_auc_is_obuchowskis_formula_and_sklearns_auc():
     assert estimate.value == pytest.approx(roc_auc_score(positive, scores)) == pytest.approx(auc)
     assert estimate.variance == pytest.approx(variance, rel=1e-10)
     assert estimate.influence.sum() == pytest.approx(0, abs=1e-12)
+    with_positive, with_negative = len(set(patient[positive])), len(set(patient[~positive]))
+    assert min(with_positive, with_negative) - 1 <= estimate.df <= with_positive + with_negative - 2  # Satterthwaite
 
 
 def test_variances_and_covariance_match_a_patient_bootstrap():
