@@ -70,9 +70,12 @@ def clustered_proportion(hits: np.ndarray, patient: np.ndarray, n_patients: int)
 
 
 def satterthwaite(*parts: tuple[float, float]) -> float:
-    """Degrees of freedom of a sum of independent variance estimates, each (variance, its df)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return float(sum(v for v, _ in parts) ** 2 / sum(v ** 2 / df for v, df in parts if v > 0))
+    """Degrees of freedom of a sum of independent variance estimates, each (variance, its df); NaN where a part
+    has no degree of freedom or none has a variance."""
+    if any(not np.isfinite(v) or (v > 0 and df <= 0) for v, df in parts):
+        return float("nan")
+    spread = sum(float(v) ** 2 / df for v, df in parts if v > 0)
+    return float(sum(float(v) for v, _ in parts) ** 2 / spread) if spread > 0 else float("nan")
 
 
 def covariance(estimates: list[Estimate], n_patients: int) -> np.ndarray:

@@ -202,6 +202,6 @@ def summary_lines(report: SubgroupReport) -> list[str]:
     lines = ["\nsubgroup gaps at a family-wise 5% (Holm over each attribute's metrics; subgroups.csv, "
              "subgroup_gaps.csv):"]
     lines += [f"  {attribute} {metric}: {row['high']} - {row['low']} = {row['gap']:.3f} "
-              f"(95% CI {row['gap_ci_low']:.3f} to {row['gap_ci_high']:.3f})"
+              f"({100 * row['ci_level']:.1f}% CI {row['gap_ci_low']:.3f} to {row['gap_ci_high']:.3f})"
               for (attribute, metric), row in real.iterrows()] or ["  none"]
     return lines

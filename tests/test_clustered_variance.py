@@ -8,7 +8,9 @@ import pytest
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
-from dashboards.clustered_variance import clustered_auc, clustered_proportion, covariance
+from statsmodels.stats.weightstats import ttest_ind
+
+from dashboards.clustered_variance import clustered_auc, clustered_proportion, covariance, satterthwaite
 
 
 def clustered_images(rng: np.random.Generator, patients: int):
@@ -73,3 +75,11 @@ def test_variances_and_covariance_match_a_patient_bootstrap():
     assert np.diag(bootstrap) == pytest.approx(np.diag(claimed), rel=0.15)
     assert np.abs(bootstrap - claimed).max() / scale.max() < 0.1
     assert claimed[0, 1] > 0.05 * scale[0, 1]           # the shared patients make the two AUCs covary
+
+
+def test_satterthwaite_is_welchs_df():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(0, 1, 12), rng.normal(0, 3, 30)
+    welch_df = ttest_ind(x, y, usevar="unequal")[2]
+    assert satterthwaite((x.var(ddof=1) / 12, 11), (y.var(ddof=1) / 30, 29)) == pytest.approx(welch_df)
+    assert np.isnan(satterthwaite((0.0, 5), (0.0, 5))) and np.isnan(satterthwaite((1.0, 0), (1.0, 5)))
