@@ -212,7 +212,7 @@ def write_report(out: Path, data: PreparedData, model: DeployedClassifier, conte
         files += [_write_csv(out / f"external_{name}_metrics.csv", result.metrics, index=True),
                   _write_npz(out / f"external_{name}_predictions.npz", images=result.data.frame["image"].to_numpy(str),
                              labels=result.data.labels(), probs=result.probs, findings=findings)]
-    subgroups = subgroup_report(test_frame, labels, probs, thresholds, n_boot=context.n_boot)
+    subgroups = subgroup_report(test_frame, labels, probs, thresholds)
     files += [_write_csv(out / "subgroups.csv", subgroups.by_group, index=True),
               _write_csv(out / "subgroup_gaps.csv", subgroups.gaps, index=True)]
     report = FinalReport(test_metrics=metrics, members=members, comparison=comparison, comparison_notes=notes,
