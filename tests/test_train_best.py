@@ -24,6 +24,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from ray.tune.utils.serialization import TuneFunctionDecoder
 from sklearn.metrics import f1_score, roc_auc_score
 
 from dashboards.annotations import read_bboxes, read_google_labels
@@ -328,8 +329,9 @@ def test_members_train_as_tune_trials_logged_by_the_driver(final):
 
 
 def _saved_checkpoints(out: Path) -> dict[str, str]:
-    """trial id -> the checkpoint (folder name) of its last result in Tune's latest saved state on the storage:
-    what a resume would continue from."""
+    """trial id -> the checkpoint (folder name) Tune's checkpoint manager holds in its latest saved state on the
+    storage: what a resume continues from. (A state saved between a result and its checkpoint's registration
+    names the checkpoint in its last result only; a resume starts such a trial afresh.)"""
     states = sorted(glob.glob(str(out / "experiment_state-*.json")), key=os.path.getmtime)
     try:
         trials = json.loads(Path(states[-1]).read_text())["trial_data"] if states else []
@@ -337,9 +339,11 @@ def _saved_checkpoints(out: Path) -> dict[str, str]:
         return {}
     saved = {}
     for trial, runtime in trials:
-        last = json.loads(runtime).get("last_result") or {}
-        if last.get("checkpoint_dir_name"):
-            saved[json.loads(trial)["trial_id"]] = last["checkpoint_dir_name"]
+        # the test's own storage, written by the driver it started: trusted
+        manager = TuneFunctionDecoder(allow_cloudpickle=True).decode(runtime).get("checkpoint_manager")
+        latest = getattr(manager, "_latest_checkpoint_result", None)
+        if latest is not None:
+            saved[json.loads(trial)["trial_id"]] = Path(latest.checkpoint.path).name
     return saved
 
 
@@ -354,8 +358,10 @@ def _into_second_epoch(out: Path) -> list[Path]:
 
 def test_a_final_training_killed_mid_epoch_resumes_to_the_same_report(final, data_dir, tmp_path):
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Tune saves its state every 0.5 s (final training's default: 2 s), so that a save falls inside a tiny
+    # member's second epoch (about a second long here) after its first checkpoint is registered
     env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}
     driver = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "train_best.py"),
                                *final_args(final["config"], data_dir, out, uri, final["cache"]),
                                *final["external_args"]],       # recorded: the resume evaluates them too
