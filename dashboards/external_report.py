@@ -28,7 +28,7 @@ from trainable.findings import FINDINGS
 from trainable.metrics import binary_report, bootstrap_auc_ci, per_class_auc
 from trainable.runtime import pick_device
 
-from .subgroups import ATTRIBUTES, UNDERDIAGNOSIS, UNKNOWN, SubgroupReport, subgroup_report
+from .subgroups import ATTRIBUTES, UNKNOWN, SubgroupReport, subgroup_report
 from .tables import markdown_table
 
 PREDICT_BATCH = 64
@@ -41,7 +41,7 @@ class ExternalResult:
     data: ExternalData
     probs: np.ndarray            # (N, 14), rows as data.frame
     metrics: pd.DataFrame        # METRIC_COLUMNS, one row per shared finding
-    subgroups: SubgroupReport | None = None
+    subgroups: SubgroupReport    # the internal test's subgroup table (external_subgroups)
     unavailable: list[str] = field(default_factory=list)     # subgroup attributes without any known value
 
 
@@ -81,9 +81,6 @@ def external_metrics(data: ExternalData, probs: np.ndarray, thresholds: np.ndarr
     table = pd.DataFrame.from_dict(rows, orient="index")[list(METRIC_COLUMNS)]
     table.index.name = "finding"
     return table
-
-
-SUBGROUP_METRICS = (*FINDINGS, UNDERDIAGNOSIS)       # subgroup_report's metric columns, in its order
 
 
 def unavailable_attributes(frame: pd.DataFrame) -> list[str]:
@@ -132,8 +129,8 @@ def _subgroups_on_labelled(data: ExternalData, probs: np.ndarray, thresholds: np
                                n_boot=n_boot, seed=seed, alpha=alpha)
         by_group[finding] = part.by_group[finding].reindex(by_group.index)
         gaps.append(part.gaps[part.gaps.index.get_level_values("metric") == finding])
-    gaps = pd.concat(gaps)
-    order = {key: rank for rank, key in enumerate((a, m) for a in ATTRIBUTES for m in SUBGROUP_METRICS)}
+    gaps = pd.concat(gaps)           # in subgroup_report's order: attributes, then metrics as its columns
+    order = {key: rank for rank, key in enumerate((a, m) for a in ATTRIBUTES for m in by_group.columns)}
     gaps = gaps.iloc[np.argsort([order[key] for key in gaps.index], kind="stable")].copy()
     for attribute in gaps.index.unique("attribute"):
         rows = gaps.index.get_level_values("attribute") == attribute
@@ -181,7 +178,7 @@ def markdown_section(result: ExternalResult) -> str:
              f"**{np.nanmean(metrics['auc']):.3f}** here vs {np.nanmean(metrics['internal_auc']):.3f} on the "
              f"internal test over the same findings (95% CIs: bootstrap over patients)",
              *(f"- {note}" for note in data.notes), "", markdown_table(metrics), "",
-             *(_subgroup_lines(result) if result.subgroups is not None else []), "Label mapping:", "",
+             *_subgroup_lines(result), "Label mapping:", "",
              *(f"- {line}" for line in data.mapping), ""]
     return "\n".join(lines) + "\n"
 
@@ -191,10 +188,8 @@ def summary_lines(result: ExternalResult) -> list[str]:
     shown = result.metrics[["auc", "auc_ci_low", "auc_ci_high", "internal_auc", "positives", "images"]]
     lines = [f"\nexternal test set {result.data.layout} ({len(result.data.frame)} frontal images; "
              f"thresholds from NIH validation):", shown.to_string(float_format=lambda v: f"{v:.3f}")]
-    if result.subgroups is not None:
-        gaps = result.subgroups.gaps
-        kept = [f"{attribute} {metric} {row['high']} - {row['low']} = {row['gap']:.3f}"
-                for (attribute, metric), row in gaps[gaps["gap_holm"]].iterrows()]
-        lines.append(f"subgroup gaps at a family-wise 5%: {'; '.join(kept) or 'none'}; attributes unavailable: "
-                     f"{', '.join(result.unavailable) or 'none'} (external_{result.data.layout}_subgroups.csv)")
-    return lines
+    gaps = result.subgroups.gaps
+    kept = [f"{attribute} {metric} {row['high']} - {row['low']} = {row['gap']:.3f}"
+            for (attribute, metric), row in gaps[gaps["gap_holm"]].iterrows()]
+    return [*lines, f"subgroup gaps at a family-wise 5%: {'; '.join(kept) or 'none'}; attributes unavailable: "
+                    f"{', '.join(result.unavailable) or 'none'} (external_{result.data.layout}_subgroups.csv)"]
