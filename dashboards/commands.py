@@ -34,8 +34,9 @@ def mlflow_words() -> list[str]:
 
 
 def mlflow_ui_words(backend_store_uri: str, port: int = MLFLOW_UI_PORT) -> list[str]:
+    # One worker: a local UI has one reader, and each of the default four imports all of MLflow at start.
     return [*mlflow_words(), "ui", "--backend-store-uri", backend_store_uri, "--host", "127.0.0.1",
-            "--port", str(port)]
+            "--port", str(port), "--workers", "1"]
 
 
 def data_option_words(recorded: Mapping[str, Any]) -> list[str]:

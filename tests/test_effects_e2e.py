@@ -1,4 +1,5 @@
-"""End to end: a real ablation sweep on data where one finding depends only on age, then the effect report.
+"""End to end: a real ablation sweep on data where one finding depends only on age (conftest's planted_ablation,
+shared with tests/test_sweeps.py), then the effect report.
 
 The demographics arm must be reported as helping that finding (a call that survives the secondary family's false
 discovery rate control), and an arm identical to the baseline never as helping or hurting anything: the
@@ -6,46 +7,28 @@ report's verdicts come from the saved validation probabilities in MLflow.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from trainable.data.synthetic import generate
+from conftest import PLANTED_AGE_FINDING as AGE_FINDING
 
 REPO = Path(__file__).resolve().parents[1]
-AGE_FINDING = "Pneumonia"
 TIMEOUT_S = 900
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    work = tmp_path_factory.mktemp("effects")
-    data = generate(work / "data", patients=240, image_size=32, seed=5, age_dependent_finding=AGE_FINDING)
-    arms_file = work / "arms.yaml"
-    arms_file.write_text("baseline_copy: {factor: control}\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["CXR_CACHE_DIR"] = str(work / "cache")
-    sweep = subprocess.run(
-        [sys.executable, "sweeps/run_ablation.py", "--data", str(data), "--out", str(work / "runs"),
-         "--name", "age", "--arms-file", str(arms_file), "--arms", "baseline,baseline_copy,age_sex",
-         "--seeds", "2", "--epochs", "4", "--val-fraction", "0.3", "--cpus-per-trial", "1",
-         "--set", "backbone=test_resnet", "--set", "pretrained=none", "--set", "image_size=32",
-         # a higher lr than CheXNet's lets the tiny model learn the age weight within the few steps of a test
-         "--set", "batch_size=16", "--set", "lr=0.01"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    print(sweep.stdout[-4000:], sweep.stderr[-4000:], sep="\n")
-    assert sweep.returncode == 0
-    out = work / "report"
+def report(planted_ablation, tmp_path_factory):
+    assert planted_ablation["done"].returncode == 0
+    out = tmp_path_factory.mktemp("effects") / "report"
     analysis = subprocess.run(
-        [sys.executable, "dashboards/ablation_report.py", "--sweep", "age", "--out", str(out),
-         "--mlflow-uri", f"sqlite:///{work / 'runs' / 'mlflow.db'}", "--n-boot", "500"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        [sys.executable, "dashboards/ablation_report.py", "--sweep", "abl", "--out", str(out),
+         "--mlflow-uri", f"sqlite:///{planted_ablation['out'] / 'mlflow.db'}", "--n-boot", "500", "--no-log"],
+        cwd=REPO, env=planted_ablation["env"], capture_output=True, text=True, timeout=TIMEOUT_S)
     print(analysis.stdout[-4000:], analysis.stderr[-4000:], sep="\n")
     assert analysis.returncode == 0
     return pd.read_csv(out / "effects.csv"), out

@@ -4,7 +4,8 @@ runs it (`python sweeps/run_ablation.py` in a subprocess), logged to the embedde
 
 Covered elsewhere, not repeated here:
   driver killed mid-sweep, then --resume
-      tests/test_sweeps.py::test_killed_sweep_resumes_with_each_trial_once_in_mlflow
+      tests/test_sweeps.py::test_until_decided_adds_seeds_only_to_the_undecided_arm_and_resumes_after_a_kill
+      (an adaptive sweep) and tests/test_train_best.py (final training's grid of members)
   cache build killed mid-way, then rebuilt
       tests/test_cache.py::test_killed_build_is_never_read_as_valid
   same config and seed give identical metrics

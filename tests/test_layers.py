@@ -4,6 +4,7 @@ so a cycle cannot hide inside a function."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,48 @@ def test_the_check_finds_an_upward_import_and_a_main_import(tmp_path, package, s
     (tmp_path / package / "module.py").write_text(source)
     [problem] = layer_violations(tmp_path)
     assert problem.startswith(f"{package}/module.py:") and problem.endswith(expected), problem
+
+
+# --- ARCHITECTURE.md's trial path stays true ---------------------------------------------------------------------
+
+STEP = re.compile(r"^\s*\d+ (\S+\.py)\s")
+LEAF = re.compile(r"\b((?:trainable|sweeps|dashboards|search_spaces)/\S+?\.py)\b")
+PATH_ENTRY_POINTS = {"sweeps/run_ablation.py", "dashboards/ablation_report.py"}   # run by the user
+
+
+def trial_path(text: str) -> list[tuple[str, list[str]]]:
+    """(step module, its leaves) from the first fenced block under "One ablation trial"."""
+    section = text[text.index("## One ablation trial"):]
+    block = section.split("```")[1]
+    steps: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if (match := STEP.match(line)):
+            steps.append((match.group(1), []))
+        elif line.strip() and steps:
+            steps[-1][1].extend(LEAF.findall(line))
+    return steps
+
+
+def imported_files(path: Path) -> set[str]:
+    """The repository files `path` imports, `from package import module` included."""
+    names = {module for _, module in imported_modules(path)}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    files = set()
+    for name in names:
+        base = REPO / Path(*name.split("."))
+        files |= {p.relative_to(REPO).as_posix() for p in (base.with_suffix(".py"), base / "__init__.py")
+                  if p.is_file()}
+    return files
+
+
+def test_architecture_trial_path_names_real_modules_each_imported_by_the_step_before():
+    steps = trial_path((REPO / "ARCHITECTURE.md").read_text())
+    assert 10 <= len(steps) <= 12, [module for module, _ in steps]
+    seen: set[str] = set()
+    for module, leaves in steps:
+        imports = imported_files(REPO / module)
+        assert module in PATH_ENTRY_POINTS or module in seen, f"{module}: no earlier step imports it"
+        assert [leaf for leaf in leaves if leaf not in imports] == [], f"{module} does not import these leaves"
+        seen |= imports

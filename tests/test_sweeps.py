@@ -21,6 +21,7 @@ import pytest
 import ray
 import timm
 import torch
+from conftest import PLANTED_ARMS, PLANTED_EPOCHS, PLANTED_SEEDS
 from mlflow import MlflowClient
 
 from dashboards import ablation_report
@@ -37,7 +38,7 @@ from trainable.findings import FINDINGS
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "backbone=test_resnet", "--set", "image_size=32", "--set", "pretrained=none",
         "--set", "batch_size=16", "--cpus-per-trial", "1"]
-ARMS, SEEDS, EPOCHS = ["baseline", "focal", "adamw"], 2, 2
+ARMS, SEEDS, EPOCHS = PLANTED_ARMS, PLANTED_SEEDS, PLANTED_EPOCHS     # of the shared ablation (conftest)
 SWEEP_TIMEOUT_S = 600
 
 pytestmark = pytest.mark.slow
@@ -81,11 +82,9 @@ def steps(client, run, key="val_auc_mean") -> list[int]:
 # --- ablation ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ablation(env, synthetic_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ablation")
-    done = run_sweep(env, "run_ablation.py", "--data", str(synthetic_dir), "--out", str(out), "--name", "abl",
-                     "--arms", ",".join(ARMS), "--seeds", str(SEEDS), "--epochs", str(EPOCHS), *TINY)
-    return out, done
+def ablation(planted_ablation):
+    """(--out, the CompletedProcess) of conftest's ablation `abl`: baseline, baseline_copy and age_sex."""
+    return planted_ablation["out"], planted_ablation["done"]
 
 
 def test_ablation_logs_one_parent_and_a_child_per_arm_and_seed(ablation):
@@ -97,7 +96,8 @@ def test_ablation_logs_one_parent_and_a_child_per_arm_and_seed(ablation):
         arm, seed = name.rsplit("-s", 1)
         assert run.info.status == "FINISHED"
         assert (run.data.tags["arm"], run.data.tags["seed"]) == (arm, seed)
-        assert run.data.tags["factor"] == {"baseline": "baseline", "focal": "loss", "adamw": "optimizer"}[arm]
+        assert run.data.tags["factor"] == {"baseline": "baseline", "baseline_copy": "control",
+                                           "age_sex": "demographics"}[arm]
         for finding in FINDINGS:
             assert steps(client, run, f"val_auc_{finding}") == list(range(1, EPOCHS + 1)), (name, finding)
             assert steps(client, run, f"val_f1_{finding}") == list(range(1, EPOCHS + 1)), (name, finding)
@@ -106,8 +106,7 @@ def test_ablation_logs_one_parent_and_a_child_per_arm_and_seed(ablation):
         # params are the resolved flat TrialConfig: the arm's change, the seed, and --set for every arm
         config = TrialConfig.from_dict(run.data.params)
         assert (config.seed, config.epochs, config.backbone, config.image_size) == (int(seed), EPOCHS, "test_resnet", 32)
-        assert config.loss == ("focal" if arm == "focal" else "bce")
-        assert config.optimizer == ("adamw" if arm == "adamw" else "adam")
+        assert config.demographics == ("age_sex" if arm == "age_sex" else "none") and config.lr == 0.01
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"val_predictions.npz", "thresholds.json"} <= artifacts
         # where it ran: this machine's CPU, node and library versions
@@ -145,7 +144,7 @@ def test_ablation_prints_a_table_per_arm_with_delta_vs_baseline(ablation):
     table = text[text.index("AUC mean ± sd"):].splitlines()
     rows = {line.split()[0]: line for line in table[2:2 + len(ARMS)]}
     assert set(rows) == set(ARMS)
-    assert rows["focal"].split()[2] == str(SEEDS) and "±" in rows["focal"]
+    assert rows["age_sex"].split()[2] == str(SEEDS) and "±" in rows["age_sex"]
     assert "mlflow ui --backend-store-uri sqlite:///" in text and "--host 127.0.0.1" in text
 
 
@@ -190,42 +189,6 @@ def test_search_writes_the_best_full_budget_config(search):
     finished = [r for r in children.values() if r.info.status == "FINISHED"]
     assert winner.data.metrics["val_auc_mean"] == max(r.data.metrics["val_auc_mean"] for r in finished)
     assert f"best: {parent.data.tags['best_trial']}" in done.stdout
-
-
-# --- kill and resume --------------------------------------------------------------------------------------------
-
-def test_killed_sweep_resumes_with_each_trial_once_in_mlflow(env, synthetic_dir, tmp_path):
-    out, epochs, arms = tmp_path / "out", 3, ARMS[:2]
-    args = ["--data", str(synthetic_dir), "--out", str(out), "--name", "kil", "--arms", ",".join(arms),
-            "--seeds", str(SEEDS), "--epochs", str(epochs), *TINY]
-    sweep = subprocess.Popen(command("run_ablation.py", *args), cwd=REPO, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill driver, Ray and trials at once, as a lost machine would, once the first trial has finished.
-    deadline = time.monotonic() + SWEEP_TIMEOUT_S
-    while not glob.glob(str(out / "kil" / "*" / f"checkpoint_{epochs - 1:06d}")):
-        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
-        time.sleep(0.5)
-    os.killpg(sweep.pid, signal.SIGKILL)
-    sweep.wait(timeout=60)
-    client, parent, before = mlflow_runs(out, "kil")
-    assert sum(run.info.status == "FINISHED" for run in before.values()) < len(arms) * SEEDS
-    # The child run of a trial Tune started after its last save (so the state a resume restores lacks it)
-    late = client.create_run(parent.info.experiment_id, run_name=f"{arms[0]}-s{SEEDS}",
-                             tags={"trial_id": "begun_after_save", "mlflow.parentRunId": parent.info.run_id}).info
-
-    done = run_sweep(env, "run_ablation.py", "--resume", "--out", str(out))
-    assert done.returncode == 0
-    assert f"resume: {arms[0]}-s{SEEDS} began after Tune last saved the sweep" in done.stdout
-    late = client.get_run(late.run_id)
-    assert late.info.lifecycle_stage == "deleted" and late.data.tags["superseded"] == "true"
-    client, parent, children = mlflow_runs(out, "kil")
-    assert sorted(children) == sorted(f"{arm}-s{seed}" for arm in arms for seed in range(SEEDS))
-    assert len({run.data.tags["trial_id"] for run in children.values()}) == len(children)
-    for run in children.values():
-        assert run.info.status == "FINISHED"
-        assert steps(client, run) == list(range(1, epochs + 1)), run.info.run_name   # no epoch logged twice
-    assert parent.info.status == "FINISHED" and parent.data.tags["resumes"] == "1"
-    assert "kil" in done.stdout and "AUC mean ± sd" in done.stdout
 
 
 # --- Tune state someone else wrote -------------------------------------------------------------------------------
@@ -295,7 +258,7 @@ def test_every_tune_state_file_of_a_search_is_recorded_and_a_changed_searcher_st
         digests.verify(SweepLocation(str(tmp_path), "srch"), "check")
 
 
-# --- --until-decided: seeds only where the analysis is undecided ----------------------------------------------
+# --- --until-decided: seeds only where the analysis is undecided; a driver killed mid-round resumes -------------
 
 # An arm identical to the baseline (training is deterministic per seed: Δ = 0 exactly, and with a margin of 1e-4
 # no number of seeds shows equivalence) stays undecided by construction; an arm that cannot learn (lr 1e-8:
@@ -326,9 +289,17 @@ def test_until_decided_adds_seeds_only_to_the_undecided_arm_and_resumes_after_a_
     sweep.wait(timeout=60)
     # round 2 went to the undecided arm and the baseline only
     assert "frozen-s2" not in started() and not any(name.endswith("-s3") for name in started())
+    client, parent, before = mlflow_runs(out, "ud")
+    assert sum(run.info.status == "FINISHED" for run in before.values()) < len(before)
+    # The child run of a trial Tune started after its last save (so the state a resume restores lacks it)
+    late = client.create_run(parent.info.experiment_id, run_name="baseline_copy-s2",
+                             tags={"trial_id": "begun_after_save", "mlflow.parentRunId": parent.info.run_id}).info
 
     done = run_sweep(env, "run_ablation.py", "--resume", "--out", str(out))
     assert done.returncode == 0
+    assert "resume: baseline_copy-s2 began after Tune last saved the sweep" in done.stdout
+    late = client.get_run(late.run_id)
+    assert late.info.lifecycle_stage == "deleted" and late.data.tags["superseded"] == "true"
     client, parent, children = mlflow_runs(out, "ud")
     assert sorted(children) == sorted(["baseline-s0", "baseline-s1", "baseline-s2", "baseline_copy-s0",
                                        "baseline_copy-s1", "baseline_copy-s2", "frozen-s0", "frozen-s1"])
@@ -417,7 +388,7 @@ def test_printed_next_steps_run_as_pasted_in_a_fresh_shell(ablation, tmp_path):
 
     reported = fresh_shell(report, tmp_path, SWEEP_TIMEOUT_S)
     assert reported.returncode == 0, reported.stderr[-3000:]
-    assert "focal" in reported.stdout and (tmp_path / "reports" / "abl" / "effects.csv").is_file()
+    assert "age_sex" in reported.stdout and (tmp_path / "reports" / "abl" / "effects.csv").is_file()
 
     words = shlex.split(ui)            # this environment's mlflow (runs from a fresh shell), bound to localhost
     assert os.access(words[0], os.X_OK) and words[words.index("--host") + 1] == "127.0.0.1"

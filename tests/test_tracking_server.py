@@ -1,22 +1,30 @@
-"""A real `mlflow server --app-name basic-auth` on 127.0.0.1, and the sweep and train_best run against it as users
-run them (subprocesses), with the password in `--mlflow-uri http://admin:PASSWORD@127.0.0.1:PORT`:
+"""The team's tracking server for real, as deploy/mlflow/serve.sh runs it: `mlflow server --app-name basic-auth` on
+127.0.0.1, backed by a throwaway PostgreSQL cluster (initdb + pg_ctl in a temporary folder, on a free port; where
+PostgreSQL is not installed, an SQLite file, and the PostgreSQL check skips saying so), artifacts in a store the
+server proxies. Two sweeps and train_best run against it as users run them (subprocesses), with the password in
+`--mlflow-uri http://admin:PASSWORD@127.0.0.1:PORT`:
 
+  two sweeps at once    both complete, each in its own experiment with its own parent and child run, their
+                        artifacts through the server's proxy, their runs in PostgreSQL
   no secret anywhere    everything they print (stdout, stderr), every file under their --out, Ray's logs, and
                         every param, tag, artifact, logged and registered model in the server's store
   one driver per sweep  a second driver of the same sweep, started while the first runs, is refused in one line
   one store creation    two processes opening a fresh embedded SQLite store create it one after the other, and
                         a broken store is one error line
 
-The tiny sweep (1 arm x 1 seed, 1 epoch, test_resnet at 32 px) and train_best (1 epoch) cost about a minute.
+The tiny sweeps (1 arm x 1 seed, 1 epoch, test_resnet at 32 px) and train_best (1 epoch) cost about a minute each.
 """
 from __future__ import annotations
 
 import base64
 import contextlib
+import glob
 import json
 import os
+import pwd
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -28,16 +36,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psycopg
 import pytest
 from mlflow import MlflowClient
 from mlflow.store.db.utils import _get_latest_schema_revision
 
 REPO = Path(__file__).resolve().parents[1]
+SERVE = REPO / "deploy" / "mlflow" / "serve.sh"
 USER, PASSWORD = "admin", f"pw-{secrets.token_urlsafe(12)}"
 TINY = ["--set", "backbone=test_resnet", "--set", "pretrained=none", "--set", "image_size=32",
         "--set", "batch_size=16", "--cpus-per-trial", "1"]
-NAME = "secured"
-START_TIMEOUT_S = 180
+NAME, OTHER = "secured", "team-b"          # the sweep under test, and a second team's sweep at the same time
+START_TIMEOUT_S = 600
 RUN_TIMEOUT_S = 600
 
 pytestmark = pytest.mark.slow
@@ -61,24 +71,76 @@ def _credentials():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
+def postgres_bin() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    return Path(versions[-1]).parent if versions else None
+
+
+def postgres_user() -> tuple[int | None, int | None] | None:
+    """PostgreSQL refuses to run as root: there, its commands run as the `postgres` user (else `nobody`)."""
+    if os.geteuid() != 0:
+        return None, None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(name)
+            return entry.pw_uid, entry.pw_gid
+    return None
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """(base URL without credentials, server root): basic auth, READ for anonymous users, artifacts served."""
+def backend(tmp_path_factory):
+    """(the server's backend store URI, why it is not PostgreSQL or None)."""
+    bin_dir, user = postgres_bin(), postgres_user()
+    if bin_dir is None or user is None:
+        why = ("PostgreSQL is not installed (no initdb on PATH nor in /usr/lib/postgresql/*/bin); `apt-get install "
+               "postgresql` (as .ci/run does) to run this check" if bin_dir is None else
+               "running as root with neither a `postgres` nor a `nobody` user to run PostgreSQL as")
+        yield f"sqlite:///{tmp_path_factory.mktemp('backend') / 'mlflow.db'}", why
+        return
+    uid, gid = user
+    # Not under pytest's tmp folder: that is private to this user, and the server may run as another one.
+    folder = Path(tempfile.mkdtemp(prefix="cxr-postgres-"))
+    if uid is not None:
+        os.chown(folder, uid, gid)
+    port, data = _free_port(), folder / "data"
+
+    def pg(*command: str) -> None:
+        subprocess.run([str(bin_dir / command[0]), *command[1:]], check=True, capture_output=True, text=True,
+                       timeout=START_TIMEOUT_S, user=uid, group=gid, cwd=folder)
+
+    try:
+        pg("initdb", "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8")
+        pg("pg_ctl", "-D", str(data), "-l", str(folder / "server.log"), "-w", "-t", str(START_TIMEOUT_S), "-o",
+           f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
+        pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow")
+        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow", None
+    finally:
+        if (data / "postmaster.pid").exists():
+            pg("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(backend, tmp_path_factory):
+    """(base URL without credentials, server root): deploy/mlflow/serve.sh with basic auth, READ for anonymous
+    users, artifacts served."""
     root = tmp_path_factory.mktemp("mlflow_server")
     (root / "auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
                                    f"admin_username = {USER}\n"
                                    f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     port = _free_port()
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}     # no GenAI job workers: eight fewer processes
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    # One worker: uvicorn's multi-process supervisor restarts workers that miss its health pings, which on a
+    # loaded machine can be every one of them. No GenAI job workers: eight processes nothing here uses.
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend[0], "MLFLOW_ARTIFACTS_DESTINATION": str(root / "artifacts"),
+           "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
+           "MLFLOW": str(Path(sys.executable).with_name("mlflow")),
+           "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(root / "server.log", "w") as log:
-        process = subprocess.Popen([str(mlflow_cli), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-                                    "--port", str(port), "--workers", "1",
-                                    "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                                    "--artifacts-destination", str(root / "artifacts")],
-                                   env=env, stdout=log, stderr=log, start_new_session=True)
+        process = subprocess.Popen(["bash", str(SERVE)], env=env, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -108,32 +170,39 @@ def _script(name: str, *args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def secured(server, synthetic_dir, tmp_path_factory):
-    """The sweep (and, while it runs, a second driver of the same sweep), then train_best from it."""
+    """The sweep and, at the same time, another team's sweep and a second driver of the first sweep; then
+    train_best from the first."""
     url, _ = server
     root = tmp_path_factory.mktemp("secured")
     ray_tmp = tempfile.mkdtemp(prefix="ray")       # short: Ray's socket paths must stay under 108 characters
-    env = _env(root / "cache", ray_tmp)
+    env = _env(root / "cache", ray_tmp)            # one image cache, shared by both sweeps
     secret_uri = url.replace("http://", f"http://{USER}:{PASSWORD}@")
-    sweep_args = ["--data", str(synthetic_dir), "--out", str(root / "out"), "--name", NAME, "--arms", "baseline",
-                  "--seeds", "1", "--epochs", "1", "--mlflow-uri", secret_uri, *TINY]
-    logs = {}
-    with open(root / "sweep.out", "w") as stdout, open(root / "sweep.err", "w") as stderr:
-        sweep = subprocess.Popen(_script("run_ablation.py", *sweep_args), cwd=REPO, env=env, stdout=stdout,
-                                 stderr=stderr, start_new_session=True)
+
+    def args(name: str) -> list[str]:
+        return ["--data", str(synthetic_dir), "--out", str(root / ("out" if name == NAME else name)), "--name", name,
+                "--arms", "baseline", "--seeds", "1", "--epochs", "1", "--mlflow-uri", secret_uri, *TINY]
+
+    sweeps = {}
+    for name in (NAME, OTHER):
+        with open(root / f"{name}.out", "w") as stdout, open(root / f"{name}.err", "w") as stderr:
+            sweeps[name] = subprocess.Popen(_script("run_ablation.py", *args(name)), cwd=REPO, env=env,
+                                            stdout=stdout, stderr=stderr, start_new_session=True)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while f"ablation '{NAME}':" not in (root / "sweep.out").read_text():   # printed once the lock is held
-            assert sweep.poll() is None and time.monotonic() < deadline, (root / "sweep.err").read_text()[-3000:]
+        while f"ablation '{NAME}':" not in (root / f"{NAME}.out").read_text():   # printed once the lock is held
+            assert sweeps[NAME].poll() is None and time.monotonic() < deadline, \
+                (root / f"{NAME}.err").read_text()[-3000:]
             time.sleep(0.2)
-        second = subprocess.run(_script("run_ablation.py", *sweep_args), cwd=REPO, env=env, capture_output=True,
+        second = subprocess.run(_script("run_ablation.py", *args(NAME)), cwd=REPO, env=env, capture_output=True,
                                 text=True, timeout=RUN_TIMEOUT_S)
-        still_running = sweep.poll() is None
-        code = sweep.wait(timeout=max(1.0, deadline - time.monotonic()))
+        still_running = sweeps[NAME].poll() is None
+        codes = {name: sweep.wait(timeout=max(1.0, deadline - time.monotonic())) for name, sweep in sweeps.items()}
     finally:
-        if sweep.poll() is None:
-            os.killpg(sweep.pid, signal.SIGKILL)
-            sweep.wait()
-    logs["sweep"] = ((root / "sweep.out").read_text(), (root / "sweep.err").read_text())
+        for sweep in sweeps.values():
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGKILL)
+                sweep.wait()
+    logs = {name: ((root / f"{name}.out").read_text(), (root / f"{name}.err").read_text()) for name in sweeps}
     logs["second driver"] = (second.stdout, second.stderr)
     final = subprocess.run(_script("train_best.py", "--from-sweep", NAME, "--mlflow-uri", secret_uri, "--epochs", "1",
                                    "--out", str(root / "final"), "--bootstrap", "20", "--gradcam-samples", "0",
@@ -142,8 +211,8 @@ def secured(server, synthetic_dir, tmp_path_factory):
     logs["train_best"] = (final.stdout, final.stderr)
     for name, (out, err) in logs.items():
         print(f"--- {name}", out[-3000:], err[-3000:], sep="\n")      # shown by pytest when a test fails
-    yield {"root": root, "ray_tmp": Path(ray_tmp), "logs": logs, "url": url, "codes": (code, second.returncode,
-                                                                                      final.returncode),
+    yield {"root": root, "ray_tmp": Path(ray_tmp), "logs": logs, "url": url, "artifacts": server[1] / "artifacts",
+           "codes": (codes[NAME], second.returncode, final.returncode), "other_code": codes[OTHER],
            "second_overlapped": still_running}
     subprocess.run(["rm", "-rf", ray_tmp], check=False)
 
@@ -187,6 +256,37 @@ def test_sweep_and_train_best_really_use_the_password_protected_server(secured):
                                      headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError, match="401|403"):
         urllib.request.urlopen(request, timeout=10)
+
+
+def test_two_sweeps_at_once_each_with_its_own_parent_run_and_artifacts(secured):
+    assert secured["codes"][0] == secured["other_code"] == 0
+    with _credentials():
+        client = MlflowClient(secured["url"])
+        parents = {}
+        for name in (NAME, OTHER):
+            runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+            (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+            (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+            assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            assert parent.info.status == child.info.status == "FINISHED"
+            assert child.info.run_name == "baseline-s0" and 0 <= child.data.metrics["val_auc_mean"] <= 1
+            # the validation predictions went through the server's proxy into its artifact store
+            assert "val_predictions.npz" in {a.path for a in client.list_artifacts(child.info.run_id)}
+            assert [p for p in secured["artifacts"].rglob("val_predictions.npz") if child.info.run_id in p.parts]
+            parents[name] = parent
+    # they ran at once: each sweep's parent run started before the other's ended
+    a, b = (parents[name].info for name in (NAME, OTHER))
+    assert a.start_time < b.end_time and b.start_time < a.end_time
+
+
+def test_postgresql_holds_the_runs(backend, secured):
+    uri, not_postgres = backend
+    if not_postgres:
+        pytest.skip(not_postgres)
+    with psycopg.connect(uri) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT e.name, count(*) FROM runs r JOIN experiments e USING (experiment_id) "
+                       "WHERE e.name = ANY(%s) GROUP BY e.name", ([NAME, OTHER],))
+        assert dict(cursor.fetchall()) == {NAME: 2, OTHER: 2}
 
 
 def test_no_secret_reaches_output_files_logs_or_the_store(secured, tmp_path):

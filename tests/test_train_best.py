@@ -143,6 +143,9 @@ def test_registers_a_model_that_loads_back_and_predicts_as_evaluated(final, data
     assert run.info.status == "FINISHED" and "SYNTHETIC" in versions[0].description
     logged = client.get_logged_model(versions[0].source.rsplit("/", 1)[-1])     # filed under the final run's experiment
     assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run.info.run_id
+    # the run names the model among its outputs, and the model carries the run's test metrics
+    assert [output.model_id for output in run.outputs.model_outputs] == [logged.model_id]
+    assert {m.key: m.value for m in logged.metrics}["test_auc_mean"] == run.data.metrics["test_auc_mean"]
     assert {"test_metrics.csv", "thresholds.json", "config.json", "report.md", "roc_curves.png"} <= \
         {a.path for a in client.list_artifacts(run.info.run_id)}
     assert run.data.metrics["test_auc_mean"] == pytest.approx(

@@ -7,7 +7,8 @@
 #   bash deploy/mlflow/serve.sh
 #
 # Optional: MLFLOW_HOST (default 0.0.0.0), MLFLOW_PORT (5000), MLFLOW_WORKERS (4), MLFLOW_ALLOWED_HOSTS (host names
-# clients use to reach it, comma-separated; MLflow refuses other Host headers), MLFLOW (the mlflow executable).
+# clients use to reach it, comma-separated; MLflow refuses other Host headers), MLFLOW (the mlflow executable),
+# MLFLOW_AUTH_CONFIG_PATH (basic authentication, below).
 # The PostgreSQL driver is psycopg 3 (a dependency of this project); s3:// needs boto3. Secrets come from the
 # environment, never from this repository.
 set -euo pipefail
@@ -18,6 +19,12 @@ args=(server --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" --serve-artifacts
       --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" --workers "${MLFLOW_WORKERS:-4}")
 if [[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]]; then
   args+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
+fi
+# Users and passwords: MLFLOW_AUTH_CONFIG_PATH names MLflow's basic-auth .ini (admin user, default permission,
+# its user database); MLflow reads it, MLFLOW_AUTH_ADMIN_PASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY itself.
+# Clients then log with --mlflow-uri http://USER:PASSWORD@HOST:PORT (or MLFLOW_TRACKING_USERNAME/PASSWORD).
+if [[ -n "${MLFLOW_AUTH_CONFIG_PATH:-}" ]]; then
+  args+=(--app-name basic-auth)
 fi
 # mlflow's command line holds the URI, which `ps` shows to root and this user: where that matters, keep the
 # password in ~/.pgpass (PostgreSQL's password file) and leave it out of the URI.

@@ -20,7 +20,7 @@ import mlflow.pytorch
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import LoggedModelOutput, Metric, RunTag
 
 import trainable
 from dashboards.external_report import ExternalResult
@@ -74,6 +74,7 @@ class FinalRun:
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.children: dict[str, str] = {}      # member name -> run id
+        self.test_metrics: list[Metric] = []    # the parent's, linked to the logged model once there is one
 
     @classmethod
     def start(cls, client: MlflowClient, tracking_uri: str, *, experiment: str, run_name: str,
@@ -115,6 +116,7 @@ class FinalRun:
         for column in ("auc", "f1", "ece"):
             metrics.append(Metric(f"test_{column}_mean", float(np.nanmean(test_metrics[column])), now, 0))
         self.client.log_batch(self.parent_run_id, metrics=metrics)
+        self.test_metrics = metrics
         for row in members.itertuples():
             if row.member in self.children:
                 self.client.log_batch(self.children[row.member], metrics=[
@@ -153,8 +155,10 @@ class FinalRun:
                                                  source_run_id=self.parent_run_id, model_type="classifier",
                                                  params={k: str(v) for k, v in config.to_dict().items()})
         with global_tracking_uri(self.tracking_uri):
+            # No run_id: given one, MLflow links the run's metrics to the model with one request per metric
+            # (get_metric_history), minutes against an authenticating server; the two requests below do the same.
             info = mlflow.pytorch.log_model(
-                model, name=MODEL_NAME, model_id=logged.model_id, run_id=self.parent_run_id,
+                model, name=MODEL_NAME, model_id=logged.model_id,
                 registered_model_name=registered_model_name,
                 # pickle, not MLflow 3's default torch.export ("pt2"): the input preparation branches on tensor
                 # shapes and dtypes, which export cannot trace; the pickled classes travel along in code_paths.
@@ -162,6 +166,9 @@ class FinalRun:
                 pip_requirements=_requirements(), extra_files=[str(config_file), str(thresholds_file)],
                 metadata={"findings": list(FINDINGS), "thresholds": dict(thresholds), "input": MODEL_INPUT,
                           "output": MODEL_OUTPUT})
+        self.client.log_outputs(self.parent_run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        self.client.log_batch(self.parent_run_id, metrics=[
+            Metric(m.key, m.value, m.timestamp, m.step, model_id=logged.model_id) for m in self.test_metrics])
         model_version = str(info.registered_model_version)
         self.client.update_model_version(registered_model_name, model_version, description=description)
         return model_version
