@@ -226,7 +226,9 @@ def test_external_metrics_in_mlflow_are_sklearns_on_the_saved_predictions(final)
     """The final run logs each external set's metrics as the internal test's, under ext_<set>_...: each equals
     sklearn on the finding's labelled rows of the predictions the report saved."""
     client = MlflowClient(final["uri"])
-    logged = client.get_run(client.search_model_versions(f"name = '{MODEL_NAME}'")[0].run_id).data.metrics
+    version = client.search_model_versions(f"name = '{MODEL_NAME}'")[0]
+    logged = client.get_run(version.run_id).data.metrics
+    on_model = {m.key: m.value for m in client.get_logged_model(version.source.rsplit("/", 1)[-1]).metrics}
     thresholds = json.loads((final["out"] / "thresholds.json").read_text())
     for layout in EXTERNAL_LAYOUTS:
         saved = np.load(final["out"] / f"external_{layout}_predictions.npz")
@@ -248,6 +250,7 @@ def test_external_metrics_in_mlflow_are_sklearns_on_the_saved_predictions(final)
             assert logged[external_metric(layout, "positives", finding)] == y.sum()
         assert len(aucs) >= 5 and logged[external_metric(layout, "auc_mean")] == pytest.approx(np.mean(aucs))
         assert logged[external_metric(layout, "images")] == len(saved["images"])
+        assert on_model[external_metric(layout, "auc_mean")] == logged[external_metric(layout, "auc_mean")]
     assert external_metric("chexpert", "auc", "Effusion") == "ext_chexpert_auc_Effusion"
 
 

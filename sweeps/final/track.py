@@ -128,8 +128,8 @@ class FinalRun:
         """Per external set, named as the internal test's (trainable.metric_names.external_metric):
         ext_<set>_<metric>_<Finding> for its shared findings, ext_<set>_{auc,f1}_mean over them, and the images
         used: ext_<set>_images_<Finding> (those that label the finding), ext_<set>_positives_<Finding>,
-        ext_<set>_images and ext_<set>_patients (all its frontal ones). Thresholds are NIH validation's, logged
-        once as test_threshold_<Finding>."""
+        ext_<set>_images and ext_<set>_patients (all its frontal ones); linked to the logged model as the test's
+        are. Thresholds are NIH validation's, logged once as test_threshold_<Finding>."""
         now = int(time.time() * 1000)
         for result in results:
             name, table = result.data.layout, result.metrics
@@ -142,6 +142,7 @@ class FinalRun:
                         Metric(external_metric(name, "patients"), float(result.data.frame["patient_id"].nunique()),
                                now, 0)]
             self.client.log_batch(self.parent_run_id, metrics=metrics)     # at most 14 x 10 + 4, within its 1000
+            self.test_metrics += metrics
 
     def log_files(self, out: Path) -> None:
         self.client.log_artifacts(self.parent_run_id, str(out))
