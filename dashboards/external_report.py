@@ -4,12 +4,15 @@ Each data set (trainable.data.external) is decoded once through the image cache 
 predicted by the deployed classifier, then scored on the NIH findings it shares, with the internal test's
 statistics: AUC with a patient-clustered bootstrap 95% CI, and sensitivity / specificity / PPV / NPV / F1 at the
 thresholds chosen on NIH validation. A finding's rows without a label (e.g. uncertain under `--uncertain ignore`)
-are left out of that finding only. Files: external_<name>_metrics.csv and external_<name>_predictions.npz; the
-report gets a section per data set with the internal test AUC beside the external one and the label mapping.
+are left out of that finding only. Subgroups (sex, age band, view) where the layout has the metadata: the internal
+test's table (dashboards/subgroups.py), patient-clustered. Files: external_<name>_metrics.csv,
+external_<name>_predictions.npz, external_<name>_subgroups.csv and external_<name>_subgroup_gaps.csv; the report
+gets a section per data set with the internal test AUC beside the external one, its subgroups and the label mapping.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import gc
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +27,7 @@ from trainable.findings import FINDINGS
 from trainable.metrics import binary_report, bootstrap_auc_ci, per_class_auc
 from trainable.runtime import pick_device
 
+from .subgroups import ATTRIBUTES, UNKNOWN, SubgroupReport, subgroup_report
 from .tables import markdown_table
 
 PREDICT_BATCH = 64
@@ -36,6 +40,8 @@ class ExternalResult:
     data: ExternalData
     probs: np.ndarray            # (N, 14), rows as data.frame
     metrics: pd.DataFrame        # METRIC_COLUMNS, one row per shared finding
+    subgroups: SubgroupReport    # the internal test's subgroup table (external_subgroups)
+    unavailable: list[str] = field(default_factory=list)     # subgroup attributes without any known value
 
 
 def predict_external(model: DeployedClassifier, data: ExternalData, *, image_size: int, cache_dir: str | Path,
@@ -76,6 +82,28 @@ def external_metrics(data: ExternalData, probs: np.ndarray, thresholds: np.ndarr
     return table
 
 
+def unavailable_attributes(frame: pd.DataFrame) -> list[str]:
+    """Subgroup attributes (dashboards.subgroups.ATTRIBUTES) of which no image has a known value here, e.g. sex and
+    age of MIMIC-CXR without MIMIC-IV's patients table."""
+    return [name for name, group_of in ATTRIBUTES.items() if group_of(frame).eq(UNKNOWN).all()]
+
+
+def external_subgroups(data: ExternalData, probs: np.ndarray, thresholds: np.ndarray, *,
+                       alpha: float = 0.05) -> SubgroupReport:
+    """The internal test's subgroup table (dashboards.subgroups.subgroup_report: per sex, age band and view each
+    finding's AUC and the underdiagnosis rate, per attribute the largest gap with its patient-clustered CI) on an
+    external set. Its missing labels (NaN) leave an image out of that finding's AUC; underdiagnosis (sick: a
+    labelled finding present; "No Finding" decided over all 14 outputs, as on the internal test) counts them as
+    absent. Findings the set does not label stay NaN."""
+    # statsmodels' Holm runs gc.collect() on each call (3 per subgroup_report): about 1 s each in train_best's
+    # heap, milliseconds with the live objects frozen (as dashboards/effects.py does)
+    gc.freeze()
+    try:
+        return subgroup_report(data.frame, data.labels(), probs, thresholds, alpha=alpha)
+    finally:
+        gc.unfreeze()
+
+
 def evaluate_externals(model: DeployedClassifier, externals: Sequence[ExternalData], *, image_size: int,
                        cache_dir: str | Path, age_fill: float, thresholds: np.ndarray, internal_auc: pd.Series,
                        n_boot: int) -> list[ExternalResult]:
@@ -83,8 +111,26 @@ def evaluate_externals(model: DeployedClassifier, externals: Sequence[ExternalDa
     for data in externals:
         probs = predict_external(model, data, image_size=image_size, cache_dir=cache_dir, age_fill=age_fill)
         results.append(ExternalResult(data, probs, external_metrics(data, probs, thresholds, internal_auc,
-                                                                    n_boot=n_boot)))
+                                                                    n_boot=n_boot),
+                                      external_subgroups(data, probs, thresholds),
+                                      unavailable_attributes(data.frame)))
     return results
+
+
+def _subgroup_lines(result: ExternalResult) -> list[str]:
+    data, report = result.data, result.subgroups
+    known = {name: sorted(set(group_of(data.frame)) - {UNKNOWN}) for name, group_of in ATTRIBUTES.items()}
+    one_group = [f"{name}: {groups[0]} only, no gap" for name, groups in known.items() if len(groups) == 1]
+    gaps = report.gaps.reset_index()
+    return [f"### Subgroups ({data.layout})", "",
+            f"- as on the internal test: per {', '.join(ATTRIBUTES)}, each shared finding's AUC on the group's "
+            f"images that label it (`images`: all the group's) and the underdiagnosis rate (of the images with a "
+            f"labelled finding, the share predicted to have none at the NIH-validation thresholds); per attribute "
+            f"the largest gap with its 95% CI (bootstrap over patients) and Holm over the attribute's metrics",
+            f"- attributes unavailable (no known value in this data set's metadata): "
+            f"{', '.join(result.unavailable) or 'none'}" + "".join(f"; {line}" for line in one_group),
+            "", markdown_table(report.by_group.reset_index()), "", f"Largest gap per attribute ({data.layout}):", "",
+            markdown_table(gaps) if len(gaps) else "No attribute has two groups big enough for a gap.", ""]
 
 
 def markdown_section(result: ExternalResult) -> str:
@@ -97,7 +143,8 @@ def markdown_section(result: ExternalResult) -> str:
              f"- shared findings ({len(data.shared)} of {len(FINDINGS)}): {', '.join(data.shared)}; mean AUC "
              f"**{np.nanmean(metrics['auc']):.3f}** here vs {np.nanmean(metrics['internal_auc']):.3f} on the "
              f"internal test over the same findings (95% CIs: bootstrap over patients)",
-             *(f"- {note}" for note in data.notes), "", markdown_table(metrics), "", "Label mapping:", "",
+             *(f"- {note}" for note in data.notes), "", markdown_table(metrics), "",
+             *_subgroup_lines(result), "Label mapping:", "",
              *(f"- {line}" for line in data.mapping), ""]
     return "\n".join(lines) + "\n"
 
@@ -105,5 +152,10 @@ def markdown_section(result: ExternalResult) -> str:
 def summary_lines(result: ExternalResult) -> list[str]:
     """What train_best prints for one data set."""
     shown = result.metrics[["auc", "auc_ci_low", "auc_ci_high", "internal_auc", "positives", "images"]]
-    return [f"\nexternal test set {result.data.layout} ({len(result.data.frame)} frontal images; "
-            f"thresholds from NIH validation):", shown.to_string(float_format=lambda v: f"{v:.3f}")]
+    lines = [f"\nexternal test set {result.data.layout} ({len(result.data.frame)} frontal images; "
+             f"thresholds from NIH validation):", shown.to_string(float_format=lambda v: f"{v:.3f}")]
+    gaps = result.subgroups.gaps
+    kept = [f"{attribute} {metric} {row['high']} - {row['low']} = {row['gap']:.3f}"
+            for (attribute, metric), row in gaps[gaps["gap_holm"]].iterrows()]
+    return [*lines, f"subgroup gaps at a family-wise 5%: {'; '.join(kept) or 'none'}; attributes unavailable: "
+                    f"{', '.join(result.unavailable) or 'none'} (external_{result.data.layout}_subgroups.csv)"]

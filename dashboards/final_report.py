@@ -4,8 +4,8 @@ Everything it is given was decided before (members, selected epochs, thresholds:
 only). It writes into the output folder, each file atomically: test_metrics.csv, members.csv,
 comparison.csv + comparison.md, roc_curves.png, gradcam/<Finding>.png, localization.csv (with NIH's boxes),
 google2019_auc.csv (with Google's 2019 expert labels), subgroups.csv + subgroup_gaps.csv (dashboards/subgroups.py),
-external_<name>_metrics.csv + _predictions.npz (--external: dashboards/external_report.py),
-val_/test_predictions.npz and report.md (last).
+external_<name>_metrics.csv + _predictions.npz + _subgroups.csv + _subgroup_gaps.csv (--external:
+dashboards/external_report.py), val_/test_predictions.npz and report.md (last).
 """
 from __future__ import annotations
 
@@ -211,7 +211,9 @@ def write_report(out: Path, data: PreparedData, model: DeployedClassifier, conte
         name = result.data.layout
         files += [_write_csv(out / f"external_{name}_metrics.csv", result.metrics, index=True),
                   _write_npz(out / f"external_{name}_predictions.npz", images=result.data.frame["image"].to_numpy(str),
-                             labels=result.data.labels(), probs=result.probs, findings=findings)]
+                             labels=result.data.labels(), probs=result.probs, findings=findings),
+                  _write_csv(out / f"external_{name}_subgroups.csv", result.subgroups.by_group, index=True),
+                  _write_csv(out / f"external_{name}_subgroup_gaps.csv", result.subgroups.gaps, index=True)]
     subgroups = subgroup_report(test_frame, labels, probs, thresholds)
     files += [_write_csv(out / "subgroups.csv", subgroups.by_group, index=True),
               _write_csv(out / "subgroup_gaps.csv", subgroups.gaps, index=True)]
@@ -275,7 +277,7 @@ def _markdown(data: PreparedData, context: ReportContext, report: FinalReport, t
     lines += [f"- source: {context.source}",
               f"- data fingerprint {data.fingerprint}; split sizes (images / patients): " +
               ", ".join(f"{name} {s['images']} / {s['patients']}" for name, s in sizes.items()),
-              f"- members (averaged): " + ", ".join(f"{n} (epoch {e})" for n, e in
+              "- members (averaged): " + ", ".join(f"{n} (epoch {e})" for n, e in
                                                     zip(context.member_names, context.selected_epochs)),
               "- model selection: each member's epoch with the best validation mean AUC; F1 thresholds chosen on the "
               "validation predictions of the averaged members; the test split was predicted once, at the end",

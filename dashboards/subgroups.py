@@ -64,6 +64,7 @@ def _sklearn_auc(y: np.ndarray, scores: np.ndarray) -> float:
 
 def _auc_of(k: int, labels: np.ndarray, probs: np.ndarray) -> Callable[[np.ndarray, np.ndarray], float]:
     def auc_on(rows: np.ndarray, _unused: np.ndarray) -> float:
+        rows = rows[np.isfinite(labels[rows, k])]          # a missing label: the image is not scored on it
         return _sklearn_auc(labels[rows, k] > 0.5, probs[rows, k]) if len(rows) >= MIN_GROUP_IMAGES else float("nan")
     return auc_on
 
@@ -122,13 +123,17 @@ def _estimate(metric: str, labels: np.ndarray, probs: np.ndarray, thresholds: np
         rows = in_group & (labels > 0.5).any(axis=1)
         return clustered_proportion(~(probs[rows] >= thresholds).any(axis=1), patients[rows], n_patients)
     k = FINDINGS.index(metric)
+    in_group = in_group & np.isfinite(labels[:, k])
     return clustered_auc(labels[in_group, k] > 0.5, probs[in_group, k], patients[in_group], n_patients)
 
 
 def subgroup_report(frame: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, *,
                     alpha: float = 0.05) -> SubgroupReport:
     """Per attribute and group the metrics; per attribute and metric the largest gap, its standard error from the
-    groups' clustered variances (patients of `frame["patient_id"]`), p-value, Holm decision and CI."""
+    groups' clustered variances (patients of `frame["patient_id"]`), p-value, Holm decision and CI.
+
+    A NaN label (a finding an external set leaves unlabelled on an image, e.g. uncertain under `--uncertain
+    ignore`) leaves that image out of that finding's AUC; underdiagnosis counts it as not having the finding."""
     labels, probs, thresholds = np.asarray(labels), np.asarray(probs), np.asarray(thresholds)
     patients = np.unique(frame["patient_id"].astype(str).to_numpy(), return_inverse=True)[1].ravel()
     tables, gaps = [], []

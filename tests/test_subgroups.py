@@ -87,3 +87,27 @@ def test_a_group_whose_positives_are_one_patients_has_no_gap_decision():
     row = subgroup_report(frame, labels, rng.random(labels.shape), np.full(len(FINDINGS), 0.5)).gaps.loc[
         ("sex", FINDINGS[0])]
     assert row["p_value"] == 1 and not row["gap_holm"] and np.isinf(row["gap_ci_low"]) and np.isnan(row["gap_se"])
+
+
+def test_a_missing_label_leaves_the_image_out_of_that_findings_auc_only(planted):
+    """An external set's unlabelled finding (NaN) on some images: that finding's group AUCs and gap are those of the
+    labelled images alone; the other findings, and underdiagnosis (NaN counts as absent), are unchanged."""
+    frame, labels, probs, thresholds = planted
+    k = FINDINGS.index("Atelectasis")
+    unlabelled = np.random.default_rng(3).random(len(labels)) < 0.3
+    holes = labels.astype(float).copy()
+    holes[unlabelled, k] = np.nan
+    report = subgroup_report(frame, holes, probs, thresholds)
+    labelled = subgroup_report(frame[~unlabelled].reset_index(drop=True), labels[~unlabelled], probs[~unlabelled],
+                               thresholds)
+    sex = (frame["sex"] == "F").to_numpy()
+    assert report.by_group.loc[("sex", "F"), "Atelectasis"] == pytest.approx(
+        roc_auc_score(labels[sex & ~unlabelled, k], probs[sex & ~unlabelled, k]))
+    for column in ("gap", "gap_se", "p_value"):
+        assert report.gaps.loc[("sex", "Atelectasis"), column] == pytest.approx(
+            labelled.gaps.loc[("sex", "Atelectasis"), column])
+    without = labels.astype(float).copy()
+    without[unlabelled, k] = 0                    # absent: what underdiagnosis makes of a missing label
+    full = subgroup_report(frame, without, probs, thresholds)
+    pd.testing.assert_series_equal(report.by_group[UNDERDIAGNOSIS], full.by_group[UNDERDIAGNOSIS])
+    pd.testing.assert_series_equal(report.by_group["Effusion"], full.by_group["Effusion"])

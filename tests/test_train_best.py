@@ -31,6 +31,7 @@ from dashboards.annotations import read_bboxes, read_google_labels
 from dashboards.gradcam import localization_scores
 from dashboards.mlflow_store import PARENT_RUN_TAG
 from dashboards.published import load_published
+from dashboards.subgroups import MIN_CLASS_IMAGES
 from sweeps.final.cli import main
 from sweeps.final.fit import fit_final
 from sweeps.final.members import member_specs
@@ -40,6 +41,7 @@ from trainable.data.external_synthetic import generate_external
 from trainable.data.nih import DataSpec, prepare_dataset
 from trainable.deployed import DeployedClassifier, demographic_inputs
 from trainable.findings import FINDINGS
+from trainable.metric_names import external_metric
 from trainable.train import SplitArrays
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,13 +121,14 @@ def final(data_dir, tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     externals = {layout: generate_external(root / layout, layout, patients=40, image_size=64, seed=5)
                  for layout in EXTERNAL_LAYOUTS}
+    (externals["mimic"] / "patients.csv.gz").unlink()      # MIMIC-CXR-JPG without MIMIC-IV: no sex or age
     external_args = [f"--external={layout}={folder}" for layout, folder in externals.items()]
     started = time.perf_counter()
     code, stdout, _ = run_cli(*final_args(config, data_dir, root / "out", uri, root / "cache"), *external_args)
     print(f"train_best took {time.perf_counter() - started:.1f} s")
     assert code == 0
     return {"out": root / "out", "uri": uri, "stdout": stdout, "cache": root / "cache", "config": config,
-            "external_args": external_args}
+            "external_args": external_args, "externals": externals}
 
 
 # --- the model in the registry ----------------------------------------------------------------------------------
@@ -218,6 +221,77 @@ def test_external_test_sets_report_the_shared_findings_with_cis_above_chance(fin
         assert f"external test set {layout}" in final["stdout"]
     assert "CheXpert `Pleural Effusion` -> Effusion" in report and "CheXpert `Lung Lesion` is not mapped" in report
     assert "left out of that finding's metrics (--uncertain ignore)" in report
+
+
+def test_external_metrics_in_mlflow_are_sklearns_on_the_saved_predictions(final):
+    """The final run logs each external set's metrics as the internal test's, under ext_<set>_...: each equals
+    sklearn on the finding's labelled rows of the predictions the report saved."""
+    client = MlflowClient(final["uri"])
+    version = client.search_model_versions(f"name = '{MODEL_NAME}'")[0]
+    logged = client.get_run(version.run_id).data.metrics
+    on_model = {m.key: m.value for m in client.get_logged_model(version.source.rsplit("/", 1)[-1]).metrics}
+    thresholds = json.loads((final["out"] / "thresholds.json").read_text())
+    for layout in EXTERNAL_LAYOUTS:
+        saved = np.load(final["out"] / f"external_{layout}_predictions.npz")
+        aucs = []
+        for k, finding in enumerate(FINDINGS):
+            labelled = np.isfinite(saved["labels"][:, k])
+            y, p = saved["labels"][labelled, k], saved["probs"][labelled, k]
+            name = external_metric(layout, "auc", finding)
+            if not 0 < y.sum() < len(y):                 # not shared (CheXpert has no Mass) or one class only
+                assert name not in logged
+                continue
+            aucs.append(roc_auc_score(y, p))
+            assert logged[name] == pytest.approx(aucs[-1], abs=1e-9)
+            assert logged[external_metric(layout, "auc_ci_low", finding)] <= logged[name] <= \
+                logged[external_metric(layout, "auc_ci_high", finding)]
+            assert logged[external_metric(layout, "f1", finding)] == pytest.approx(
+                f1_score(y, p >= thresholds[finding]), abs=1e-9)
+            assert logged[external_metric(layout, "images", finding)] == labelled.sum()
+            assert logged[external_metric(layout, "positives", finding)] == y.sum()
+        assert len(aucs) >= 5 and logged[external_metric(layout, "auc_mean")] == pytest.approx(np.mean(aucs))
+        assert logged[external_metric(layout, "images")] == len(saved["images"])
+        assert on_model[external_metric(layout, "auc_mean")] == logged[external_metric(layout, "auc_mean")]
+    assert external_metric("chexpert", "auc", "Effusion") == "ext_chexpert_auc_Effusion"
+
+
+def test_external_subgroups_are_the_internal_table_and_sklearns_on_a_group(final):
+    """CheXpert's Sex from its own CSVs: each sex's AUC on the images labelling the finding (uncertain ones left
+    out) and its underdiagnosis rate equal a direct computation; MIMIC without patients.csv says sex and age are
+    unavailable."""
+    out, report = final["out"], (final["out"] / "report.md").read_text()
+    by_group = pd.read_csv(out / "external_chexpert_subgroups.csv").set_index(["attribute", "group"])
+    assert list(by_group.columns) == list(pd.read_csv(out / "subgroups.csv").columns[2:])     # the internal table
+    saved = np.load(out / "external_chexpert_predictions.npz")
+    labels, probs = saved["labels"], saved["probs"]
+    folder = final["externals"]["chexpert"]
+    raw = pd.concat([pd.read_csv(folder / name, dtype=str) for name in ("train.csv", "valid.csv")]).set_index("Path")
+    sex = raw.loc[saved["images"], "Sex"].map({"Male": "M", "Female": "F"}).to_numpy()
+    thresholds = np.array([json.loads((out / "thresholds.json").read_text())[f] for f in FINDINGS])
+    compared, with_uncertain = 0, 0
+    for group in ("M", "F"):
+        in_group = sex == group
+        assert by_group.loc[("sex", group), "images"] == in_group.sum()
+        for finding in by_group.columns[2:-1]:
+            k = FINDINGS.index(finding)
+            rows = in_group & np.isfinite(labels[:, k])
+            y = labels[rows, k]
+            if min(y.sum(), len(y) - y.sum()) >= MIN_CLASS_IMAGES:
+                assert by_group.loc[("sex", group), finding] == pytest.approx(roc_auc_score(y, probs[rows, k]),
+                                                                               abs=1e-5)
+                compared, with_uncertain = compared + 1, with_uncertain + int(rows.sum() < in_group.sum())
+        sick = in_group & (np.nan_to_num(labels) > 0.5).any(axis=1)
+        predicted_healthy = ~(probs >= thresholds).any(axis=1)
+        assert by_group.loc[("sex", group), "underdiagnosis"] == pytest.approx(predicted_healthy[sick].mean(),
+                                                                                abs=1e-5)
+    assert compared >= 2 and with_uncertain >= 1
+    gaps = pd.read_csv(out / "external_chexpert_subgroup_gaps.csv")
+    assert len(gaps) and (gaps["gap_ci_low"] <= gaps["gap_ci_high"]).all()
+    assert "### Subgroups (chexpert)" in report and "### Subgroups (padchest)" in report
+    mimic = pd.read_csv(out / "external_mimic_subgroups.csv")
+    assert set(mimic.loc[mimic["attribute"].isin(["sex", "age"]), "group"]) == {"unknown"}
+    assert "attributes unavailable (no known value in this data set's metadata): sex, age" in report
+    assert "attributes unavailable: sex, age (external_mimic_subgroups.csv)" in final["stdout"]
 
 
 def test_the_report_has_subgroups_whose_auc_is_sklearns_on_the_group(final, data_dir):

@@ -21,3 +21,13 @@ COST_METRICS = (PARAM_COUNT, FLOPS_PER_IMAGE, TRAIN_FLOPS, TRAIN_IMAGES_PER_S, W
                 PEAK_GPU_MEMORY_MB, PEAK_RSS_MB)
 # Metrics that measure the machine, not the model: they differ between two runs of the same trial.
 TIMING_METRICS = (TRAIN_IMAGES_PER_S, EPOCH_SECONDS, WALL_SECONDS, DEVICE_HOURS, PEAK_GPU_MEMORY_MB, PEAK_RSS_MB)
+
+# The final run's metrics of an external test set (sweeps/final/track.py writes them, tests read them), named as
+# the internal test's test_<metric>_<Finding> / test_<metric>_mean with the set's name after the prefix.
+EXTERNAL_PREFIX = "ext"
+
+
+def external_metric(data_set: str, metric: str, finding: str | None = None) -> str:
+    """`ext_<set>_<metric>_<finding>` (a finding, or `mean` over the set's shared findings), or
+    `ext_<set>_<metric>` for the set as a whole (e.g. `ext_chexpert_images`)."""
+    return "_".join(part for part in (EXTERNAL_PREFIX, data_set, metric, finding) if part)

@@ -366,6 +366,7 @@ def _finish(args, out: Path, data: PreparedData, final: FinalModel, source: str,
                           test_images=final.test_images, test_probs_by_member=final.test_probs_by_member)
     print("\n" + summary_text(report, data.synthetic), flush=True)
     tracker.log_test_metrics(report.test_metrics, report.members)
+    tracker.log_external_metrics(report.external)
     tracker.log_files(out)
     mean_auc = float(report.test_metrics["auc"].mean())
     synthetic = " SYNTHETIC data (not NIH)." if data.synthetic else ""

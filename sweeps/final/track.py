@@ -13,7 +13,7 @@ import contextlib
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import mlflow
 import mlflow.pytorch
@@ -23,11 +23,13 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, Metric, RunTag
 
 import trainable
+from dashboards.external_report import ExternalResult
 from dashboards.final_report import METRIC_COLUMNS
 from dashboards.mlflow_store import FINAL_RUN, PARENT_RUN_TAG, RUNNING
 from trainable.config import TrialConfig
 from trainable.deployed import DeployedClassifier
 from trainable.findings import FINDINGS
+from trainable.metric_names import external_metric
 
 from ..tracking import create_parent_run, experiment_id_for, reopen_parent_run
 
@@ -121,6 +123,26 @@ class FinalRun:
                     Metric("test_auc_mean", float(row.test_auc_mean), now, 0),
                     *(Metric(f"test_auc_{f}", float(getattr(row, f"test_auc_{f}")), now, 0) for f in FINDINGS
                       if np.isfinite(getattr(row, f"test_auc_{f}")))])
+
+    def log_external_metrics(self, results: Sequence[ExternalResult]) -> None:
+        """Per external set, named as the internal test's (trainable.metric_names.external_metric):
+        ext_<set>_<metric>_<Finding> for its shared findings, ext_<set>_{auc,f1}_mean over them, and the images
+        used: ext_<set>_images_<Finding> (those that label the finding), ext_<set>_positives_<Finding>,
+        ext_<set>_images and ext_<set>_patients (all its frontal ones); linked to the logged model as the test's
+        are. Thresholds are NIH validation's, logged once as test_threshold_<Finding>."""
+        now = int(time.time() * 1000)
+        for result in results:
+            name, table = result.data.layout, result.metrics
+            columns = [c for c in (*METRIC_COLUMNS, "images", "positives") if c in table.columns and c != "threshold"]
+            metrics = [Metric(external_metric(name, column, finding), float(value), now, 0)
+                       for column in columns for finding, value in table[column].items() if np.isfinite(value)]
+            metrics += [Metric(external_metric(name, column, "mean"), float(np.nanmean(table[column])), now, 0)
+                        for column in ("auc", "f1") if np.isfinite(table[column]).any()]
+            metrics += [Metric(external_metric(name, "images"), float(len(result.data.frame)), now, 0),
+                        Metric(external_metric(name, "patients"), float(result.data.frame["patient_id"].nunique()),
+                               now, 0)]
+            self.client.log_batch(self.parent_run_id, metrics=metrics)     # at most 14 x 10 + 4, within its 1000
+            self.test_metrics += metrics
 
     def log_files(self, out: Path) -> None:
         self.client.log_artifacts(self.parent_run_id, str(out))
