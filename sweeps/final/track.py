@@ -41,6 +41,7 @@ MODEL_INPUT = ("uint8 grayscale images (B, 1, S, S) decoded as trainable.data.ca
 MODEL_OUTPUT = "(B, 14) probabilities, columns in `findings` order"
 # What the logged model needs to be loaded (its code travels with it through code_paths).
 MODEL_REQUIREMENTS = ("torch", "timm", "numpy", "pandas")
+MAX_METRICS_PER_BATCH = 1000       # MLflow's limit on metrics per log_batch request
 
 
 def _requirements() -> list[str]:
@@ -141,7 +142,7 @@ class FinalRun:
             metrics += [Metric(external_metric(name, "images"), float(len(result.data.frame)), now, 0),
                         Metric(external_metric(name, "patients"), float(result.data.frame["patient_id"].nunique()),
                                now, 0)]
-            self.client.log_batch(self.parent_run_id, metrics=metrics)     # at most 14 x 10 + 4, within its 1000
+            self.client.log_batch(self.parent_run_id, metrics=metrics)     # at most 14 x 10 + 4: one batch
             self.test_metrics += metrics
 
     def log_files(self, out: Path) -> None:
@@ -168,8 +169,9 @@ class FinalRun:
                 metadata={"findings": list(FINDINGS), "thresholds": dict(thresholds), "input": MODEL_INPUT,
                           "output": MODEL_OUTPUT})
         self.client.log_outputs(self.parent_run_id, [LoggedModelOutput(logged.model_id, step=0)])
-        self.client.log_batch(self.parent_run_id, metrics=[
-            Metric(m.key, m.value, m.timestamp, m.step, model_id=logged.model_id) for m in self.test_metrics])
+        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=logged.model_id) for m in self.test_metrics]
+        for start in range(0, len(linked), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.parent_run_id, metrics=linked[start:start + MAX_METRICS_PER_BATCH])
         model_version = str(info.registered_model_version)
         self.client.update_model_version(registered_model_name, model_version, description=description)
         return model_version
