@@ -30,7 +30,7 @@ if __name__ == "__main__":
 
 from search_spaces import BASELINE_ARM  # noqa: E402
 from trainable.data.nih import write_atomically  # noqa: E402
-from trainable.errors import UserError  # noqa: E402
+from trainable.errors import UserError, exit_promptly  # noqa: E402
 
 from dashboards import effects as fx  # noqa: E402
 from dashboards.cost import PROBE, cost_section  # noqa: E402
@@ -238,4 +238,4 @@ def search_report(sweep: SweepResults, out: Path) -> tuple[list[Path], str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_promptly(main())

@@ -9,6 +9,7 @@ sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != H
 
 from sweeps.ablation import Ablation  # noqa: E402
 from sweeps.runner import main  # noqa: E402
+from trainable.errors import exit_promptly  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(Ablation))
+    exit_promptly(main(Ablation))

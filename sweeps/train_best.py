@@ -8,6 +8,7 @@ HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1
 sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != HERE)]
 
 from sweeps.final.cli import main  # noqa: E402
+from trainable.errors import exit_promptly  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_promptly(main())
