@@ -11,7 +11,6 @@ gets a section per data set with the internal test AUC beside the external one, 
 """
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -95,13 +94,7 @@ def external_subgroups(data: ExternalData, probs: np.ndarray, thresholds: np.nda
     external set. Its missing labels (NaN) leave an image out of that finding's AUC; underdiagnosis (sick: a
     labelled finding present; "No Finding" decided over all 14 outputs, as on the internal test) counts them as
     absent. Findings the set does not label stay NaN."""
-    # statsmodels' Holm runs gc.collect() on each call (3 per subgroup_report): about 1 s each in train_best's
-    # heap, milliseconds with the live objects frozen (as dashboards/effects.py does)
-    gc.freeze()
-    try:
-        return subgroup_report(data.frame, data.labels(), probs, thresholds, alpha=alpha)
-    finally:
-        gc.unfreeze()
+    return subgroup_report(data.frame, data.labels(), probs, thresholds, alpha=alpha)
 
 
 def evaluate_externals(model: DeployedClassifier, externals: Sequence[ExternalData], *, image_size: int,

@@ -24,11 +24,11 @@ import pandas as pd
 from fairlearn.metrics import MetricFrame
 from scipy.stats import t as student_t
 from sklearn.metrics import recall_score, roc_auc_score
-from statsmodels.stats.multitest import multipletests
 
 from trainable.findings import FINDINGS
 
 from .clustered_variance import Estimate, clustered_auc, clustered_proportion, covariance, satterthwaite
+from .multiplicity import multiple_tests
 from .tables import markdown_table
 
 UNKNOWN = "unknown"
@@ -174,7 +174,7 @@ def subgroup_report(frame: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, 
         # alpha * p / p_holm (between Holm's first step, 1 - alpha / 15, and 1 - alpha): it excludes 0 exactly
         # when Holm keeps the gap.
         p_values = np.array([row["p_value"] for row in found])
-        decided, p_holm = multipletests(p_values, alpha=alpha, method="holm")[:2]
+        decided, p_holm = multiple_tests(p_values, alpha=alpha, method="holm")
         for row, real, adjusted in zip(found, decided, p_holm):
             level = alpha * row["p_value"] / adjusted if adjusted > 0 else alpha / len(found)
             margin = np.inf if (of_level := row.pop("_margin")) is None else of_level(level) * row["gap_se"]
