@@ -11,7 +11,7 @@ gets a section per data set with the internal test AUC beside the external one, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -40,7 +40,11 @@ class ExternalResult:
     probs: np.ndarray            # (N, 14), rows as data.frame
     metrics: pd.DataFrame        # METRIC_COLUMNS, one row per shared finding
     subgroups: SubgroupReport    # the internal test's subgroup table (external_subgroups)
-    unavailable: list[str] = field(default_factory=list)     # subgroup attributes without any known value
+
+    @property
+    def unavailable(self) -> list[str]:
+        """Subgroup attributes without any known value here."""
+        return unavailable_attributes(self.data.frame)
 
 
 def predict_external(model: DeployedClassifier, data: ExternalData, *, image_size: int, cache_dir: str | Path,
@@ -105,8 +109,7 @@ def evaluate_externals(model: DeployedClassifier, externals: Sequence[ExternalDa
         probs = predict_external(model, data, image_size=image_size, cache_dir=cache_dir, age_fill=age_fill)
         results.append(ExternalResult(data, probs, external_metrics(data, probs, thresholds, internal_auc,
                                                                     n_boot=n_boot),
-                                      external_subgroups(data, probs, thresholds),
-                                      unavailable_attributes(data.frame)))
+                                      external_subgroups(data, probs, thresholds)))
     return results
 
 
@@ -119,7 +122,8 @@ def _subgroup_lines(result: ExternalResult) -> list[str]:
             f"- as on the internal test: per {', '.join(ATTRIBUTES)}, each shared finding's AUC on the group's "
             f"images that label it (`images`: all the group's) and the underdiagnosis rate (of the images with a "
             f"labelled finding, the share predicted to have none at the NIH-validation thresholds); per attribute "
-            f"the largest gap with its 95% CI (bootstrap over patients) and Holm over the attribute's metrics",
+            f"the largest gap with its standard error from patient-clustered variances, Holm over the attribute's "
+            f"metrics and a CI at Holm's level for the gap (`ci_level`)",
             f"- attributes unavailable (no known value in this data set's metadata): "
             f"{', '.join(result.unavailable) or 'none'}" + "".join(f"; {line}" for line in one_group),
             "", markdown_table(report.by_group.reset_index()), "", f"Largest gap per attribute ({data.layout}):", "",

@@ -75,7 +75,7 @@ class FinalRun:
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.children: dict[str, str] = {}      # member name -> run id
-        self.test_metrics: list[Metric] = []    # the parent's, linked to the logged model once there is one
+        self.model_metrics: list[Metric] = []   # the parent's test and external metrics, linked to the logged model
 
     @classmethod
     def start(cls, client: MlflowClient, tracking_uri: str, *, experiment: str, run_name: str,
@@ -117,7 +117,7 @@ class FinalRun:
         for column in ("auc", "f1", "ece"):
             metrics.append(Metric(f"test_{column}_mean", float(np.nanmean(test_metrics[column])), now, 0))
         self.client.log_batch(self.parent_run_id, metrics=metrics)
-        self.test_metrics = metrics
+        self.model_metrics = metrics
         for row in members.itertuples():
             if row.member in self.children:
                 self.client.log_batch(self.children[row.member], metrics=[
@@ -143,7 +143,7 @@ class FinalRun:
                         Metric(external_metric(name, "patients"), float(result.data.frame["patient_id"].nunique()),
                                now, 0)]
             self.client.log_batch(self.parent_run_id, metrics=metrics)     # at most 14 x 10 + 4: one batch
-            self.test_metrics += metrics
+            self.model_metrics += metrics
 
     def log_files(self, out: Path) -> None:
         self.client.log_artifacts(self.parent_run_id, str(out))
@@ -169,7 +169,7 @@ class FinalRun:
                 metadata={"findings": list(FINDINGS), "thresholds": dict(thresholds), "input": MODEL_INPUT,
                           "output": MODEL_OUTPUT})
         self.client.log_outputs(self.parent_run_id, [LoggedModelOutput(logged.model_id, step=0)])
-        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=logged.model_id) for m in self.test_metrics]
+        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=logged.model_id) for m in self.model_metrics]
         for start in range(0, len(linked), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.parent_run_id, metrics=linked[start:start + MAX_METRICS_PER_BATCH])
         model_version = str(info.registered_model_version)
